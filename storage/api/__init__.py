@@ -1,0 +1,1 @@
+"""HTTP APIs (Klein): map requests to calls on volumes and back."""

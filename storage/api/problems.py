@@ -1,0 +1,95 @@
+"""JSON responses and RFC 7807 problem bodies for every failure.
+
+``add_error_handling`` gives a Klein app three handlers, tried in order:
+our ``StorageError`` (its own status and problem type), werkzeug's routing
+errors (404/405 as problem+json instead of HTML), and a catch-all that logs
+the method, path and volume with the traceback and answers a JSON 500.  No
+request ever sees Twisted's HTML error page.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from storage.errors import PROBLEM_BASE, StorageError
+
+log = Logger()
+
+JSON = b"application/json"
+PROBLEM_JSON = b"application/problem+json"
+
+
+def json_body(request: IRequest, body: Any, status: int = 200, content_type: bytes = JSON) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", content_type)
+    return json.dumps(body).encode("utf-8")
+
+
+def problem(request: IRequest, status: int, body: dict[str, Any]) -> bytes:
+    return json_body(request, body, status, PROBLEM_JSON)
+
+
+def problem_for(request: IRequest, exc: StorageError) -> bytes:
+    return problem(request, exc.status, exc.body())
+
+
+def _describe(request: IRequest) -> dict[str, str]:
+    return {
+        "method": request.method.decode("latin-1", "replace"),
+        "path": request.path.decode("latin-1", "replace"),
+        "volume": str(getattr(request, "storage_volume", None) or "-"),
+    }
+
+
+def handle_storage_error(request: IRequest, failure: Failure) -> bytes:
+    exc = failure.value
+    assert isinstance(exc, StorageError)
+    if exc.status >= 500:
+        log.failure("{method} {path} (volume {volume}) failed", failure, **_describe(request))
+    return problem_for(request, exc)
+
+
+def handle_http_exception(request: IRequest, failure: Failure) -> bytes:
+    exc = failure.value
+    assert isinstance(exc, HTTPException)
+    code = exc.code or 500
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(code, "http-error")
+    if code == 405 and getattr(exc, "valid_methods", None):
+        request.setHeader(b"Allow", ", ".join(exc.valid_methods).encode())
+    return problem(request, code, {"type": PROBLEM_BASE + slug, "title": exc.name})
+
+
+def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
+    if failure.check(CancelledError):
+        # The client went away and Klein cancelled the handler: nobody to answer.
+        return None
+    log.failure("{method} {path} (volume {volume}): unexpected error", failure, **_describe(request))
+    return problem(
+        request,
+        500,
+        {"type": PROBLEM_BASE + "generic", "title": "Internal Server Error",
+         "msg": "an unexpected error happened; it has been logged"},
+    )
+
+
+def add_error_handling(app: Klein) -> None:
+    """Register the three handlers on a Klein app (class-level apps pass ``self`` first)."""
+
+    def wrap(f: Any) -> Any:
+        def handler(*args: Any) -> Any:
+            request, failure = args[-2], args[-1]
+            return f(request, failure)
+
+        return handler
+
+    app.handle_errors(StorageError)(wrap(handle_storage_error))
+    app.handle_errors(HTTPException)(wrap(handle_http_exception))
+    app.handle_errors(Exception)(wrap(handle_unexpected))

@@ -1,0 +1,205 @@
+"""``twistd storage-proxy``: its options and the one function that composes the daemon.
+
+Start order: the I/O pool, the volumes (backends), then the manager and
+client listeners.  Stop order is the reverse and sequential: listeners stop
+accepting, in-flight requests get ``shutdown-grace`` seconds to finish, then
+the API services (upload janitor, background tasks), the volumes and
+finally the pool.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from backends.base import VolumeContext
+from storage.bgtasks import BackgroundTaskRegistry
+from storage.blocking import BlockingPool
+from storage.config import Config, ConfigError, default_config, find_config_file, load_config
+from storage.volumes import VolumeRegistry
+from storage.web.site import StorageSite
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run the storage proxy. Without --config it reads storage-proxy.toml from the current "
+        "directory, ~/.config/backend.ai/ or /etc/backend.ai/, and failing that runs on an "
+        "embedded default: one vfs volume under ./vfroot/local on loopback ports 6021/6022."
+    )
+    optParameters = [["config", "c", None, "The TOML configuration file."]]
+
+
+def fail(message: str) -> SystemExit:
+    """Start-up failures are one line on stderr and exit status 1, never a traceback."""
+    return SystemExit(f"storage-proxy: {message}")
+
+
+def load(options: Options | dict[str, Any]) -> Config:
+    path = options.get("config")
+    try:
+        if path:
+            return load_config(Path(path))
+        found = find_config_file()
+        if found is not None:
+            return load_config(found)
+        return default_config()
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(f"cannot prepare the default data directory: {exc}") from None
+
+
+class SequentialMultiService(MultiService):
+    """Like MultiService, but stops its children one after another, last first."""
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("error stopping {service}", service=child.name or child)
+
+
+class APIListener(Service):
+    """Binds in ``privilegedStartService`` (before privileges drop); fails fast."""
+
+    def __init__(self, label: str, description: str, site: StorageSite, reactor: Any, grace: float):
+        self.name = f"{label}-listener"
+        self.label = label
+        self.description = description
+        self.site = site
+        self.reactor = reactor
+        self.grace = grace
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.port is not None:
+            return
+        results: list[Any] = []
+        serverFromString(self.reactor, self.description).listen(self.site).addBoth(results.append)
+        if not results:
+            raise fail(f"{self.label} API: listening on {self.description} did not complete")
+        if isinstance(results[0], Failure):
+            raise fail(f"{self.label} API: cannot listen on {self.description}: {results[0].getErrorMessage()}")
+        self.port = results[0]
+        addr = self.port.getHost()
+        log.info("{label} API listening on {host}:{port}", label=self.label, host=addr.host, port=addr.port)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            yield defer.maybeDeferred(self.port.stopListening)
+            self.port = None
+        drained = self.site.drain()
+        timeout = self.reactor.callLater(self.grace, drained.cancel)
+        try:
+            yield drained
+        except defer.CancelledError:
+            log.warn("{label} API: {n} requests still running after {grace}s; stopping anyway",
+                     label=self.label, n=len(self.site.in_flight), grace=self.grace)
+        else:
+            if timeout.active():
+                timeout.cancel()
+
+
+class StorageProxy(SequentialMultiService):
+    """The whole daemon; tests reach its parts through these attributes."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        from storage.api.client import ClientAPI
+        from storage.api.manager import ManagerAPI
+
+        self.config = config
+        self.reactor = reactor
+        self.pool = BlockingPool(reactor, config.io_threads)
+        self.pool.setServiceParent(self)
+        context = VolumeContext(pool=self.pool, scandir_limit=config.scandir_limit, reactor=reactor)
+        self.volumes = VolumeRegistry.from_config(config.volumes, context)
+        self.volumes.setServiceParent(self)
+        self.bgtasks = BackgroundTaskRegistry()
+        self.manager_api = ManagerAPI(config, self.volumes, self.bgtasks, self.pool, reactor)
+        self.client_api = ClientAPI(config, self.volumes, self.pool, reactor)
+        for api in (self.manager_api, self.client_api):
+            for extra in api.services():
+                extra.setServiceParent(self)
+        self.manager_site = self.manager_api.site()
+        self.client_site = self.client_api.site()
+        self.manager_listener = APIListener(
+            "manager", config.manager.endpoint_description(), self.manager_site, reactor, config.shutdown_grace
+        )
+        self.client_listener = APIListener(
+            "client", config.client.endpoint_description(), self.client_site, reactor, config.shutdown_grace
+        )
+        # Both listeners stop together (before anything else stops).
+        listeners = MultiService()
+        listeners.setName("listeners")
+        self.manager_listener.setServiceParent(listeners)
+        self.client_listener.setServiceParent(listeners)
+        listeners.setServiceParent(self)
+
+
+def _uid_gid(config: Config) -> tuple[int | None, int | None]:
+    uid = gid = None
+    try:
+        if config.user is not None:
+            entry = pwd.getpwuid(config.user) if isinstance(config.user, int) else pwd.getpwnam(config.user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        if config.group is not None:
+            gid = (grp.getgrgid(config.group) if isinstance(config.group, int) else grp.getgrnam(config.group)).gr_gid
+    except KeyError as exc:
+        raise fail(f"config: [storage-proxy] user/group: no such user or group: {exc}") from None
+    return uid, gid
+
+
+def make_service(config: Config, reactor: Any = None) -> StorageProxy:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return StorageProxy(config, reactor)
+
+
+def makeService(options: Options) -> IService:
+    config = load(options)
+    service = make_service(config)
+    parent = getattr(options, "parent", None)
+    if parent is not None:
+        # Privileges drop after the listeners bind: twistd does it between
+        # privilegedStartService and startService when uid/gid are set.
+        if os.getuid() == 0:
+            uid, gid = _uid_gid(config)
+            if uid is not None and not parent.get("uid"):
+                parent["uid"] = uid
+            if gid is not None and not parent.get("gid"):
+                parent["gid"] = gid
+        if config.pid_file is not None and parent.get("pidfile") in (None, "twistd.pid"):
+            parent["pidfile"] = str(config.pid_file)
+    where = config.source or "the embedded default config"
+    print(f"storage-proxy: using {where}")
+    if config.source is None:
+        print(f"storage-proxy: manager API secret (X-BackendAI-Storage-Auth-Token): {config.manager.secret}")
+    return service

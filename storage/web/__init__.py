@@ -1,0 +1,1 @@
+"""twisted.web plumbing: the Site, streaming upload bodies, producers."""
