@@ -1,4 +1,5 @@
-"""Client-facing API (placeholder: being written)."""
+"""Client-facing API: downloads (``storage.api.downloads``) and tus uploads
+(``storage.api.tus``), authenticated by JWTs in the ``token`` query parameter."""
 
 from __future__ import annotations
 
