@@ -1,0 +1,71 @@
+"""Background tasks: state, progress, failures and cancellation."""
+
+import pytest_twisted
+from twisted.internet import defer, task
+
+from storage.bgtasks import BackgroundTaskRegistry, Progress
+from storage.errors import VFolderNotFound
+
+
+@pytest_twisted.ensureDeferred
+async def test_task_runs_and_reports_progress():
+    registry = BackgroundTaskRegistry()
+    gate = defer.Deferred()
+
+    async def work(progress: Progress):
+        progress.total = 2
+        progress.advance()
+        await gate
+        progress.advance()
+        return {"copied": 2}
+
+    t = registry.start("clone", work)
+    assert registry.get(t.task_id).as_json()["status"] == "running"
+    assert t.as_json()["progress"] == {"current": 1, "total": 2, "message": None}
+    gate.callback(None)
+    await t.deferred
+    state = t.as_json()
+    assert state["status"] == "done" and state["result"] == {"copied": 2}
+    assert state["progress"]["current"] == 2 and state["finished_at"] is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_task_keeps_the_problem_body():
+    registry = BackgroundTaskRegistry()
+
+    async def work(progress):
+        raise VFolderNotFound("gone")
+
+    t = registry.start("delete", work)
+    await t.deferred
+    assert t.status == "failed"
+    assert t.error["type"].endswith("vfolder/not-found")
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_is_cooperative():
+    registry = BackgroundTaskRegistry()
+    clock = task.Clock()
+
+    async def work(progress):
+        while True:
+            progress.check()
+            await task.deferLater(clock, 1, lambda: None)
+
+    t = registry.start("clone", work)
+    registry.cancel(t.task_id)
+    clock.advance(1)
+    await t.deferred
+    assert t.status == "cancelled"
+
+
+def test_finished_tasks_are_pruned():
+    registry = BackgroundTaskRegistry(retention=3600, max_finished=3)
+
+    async def ok(progress):
+        return None
+
+    ids = [registry.start("x", ok).task_id for _ in range(6)]
+    registry.start("x", ok)
+    assert registry.get(ids[0]) is None
+    assert registry.get(ids[-1]) is not None
