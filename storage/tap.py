@@ -12,7 +12,6 @@ from __future__ import annotations
 import grp
 import os
 import pwd
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from backends.base import VolumeContext
 from storage.bgtasks import BackgroundTaskRegistry
 from storage.blocking import BlockingPool
 from storage.config import Config, ConfigError, default_config, find_config_file, load_config
+from storage.logsetup import apply_log_level
 from storage.volumes import VolumeRegistry
 from storage.web.site import StorageSite
 
@@ -160,6 +160,11 @@ class StorageProxy(SequentialMultiService):
         self.manager_listener.setServiceParent(listeners)
         self.client_listener.setServiceParent(listeners)
         listeners.setServiceParent(self)
+
+    def startService(self) -> None:
+        # Logging has begun by now (twistd starts it before the services).
+        apply_log_level(self.config.log_level)
+        super().startService()
 
 
 def _uid_gid(config: Config) -> tuple[int | None, int | None]:
