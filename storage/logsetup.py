@@ -20,7 +20,8 @@ from twisted.logger import (
 
 def apply_log_level(level: str, publisher: LogPublisher = globalLogPublisher) -> int:
     """Filter every observer of ``publisher`` below ``level``; returns how many were wrapped."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(level.lower()))
+    name = {"warning": "warn", "critical": "critical"}.get(level.lower(), level.lower())
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.levelWithName(name))
     observers = list(getattr(publisher, "_observers", []))
     wrapped = 0
     for observer in observers:
