@@ -66,3 +66,63 @@ def test_unbindable_port_fails_with_one_line(tmp_path):
         assert "\n" not in message
     finally:
         first.manager_listener.port.stopListening()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_listener(tmp_path):
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.web.client import Agent
+    from twisted.web.iweb import IPolicyForHTTPS
+    from zope.interface import implementer
+
+    (tmp_path / "local").mkdir()
+    cert, key = self_signed(tmp_path)
+    raw = {
+        "storage-proxy": {"secret": "s" * 32},
+        "api": {
+            "client": {"service-addr": {"host": "127.0.0.1", "port": 0}},
+            "manager": {"service-addr": {"host": "127.0.0.1", "port": 0}, "secret": "m" * 32,
+                        "ssl-enabled": True, "ssl-cert": str(cert), "ssl-privkey": str(key)},
+        },
+        "volume": {"local": {"backend": "vfs", "path": str(tmp_path / "local")}},
+    }
+    service = make_service(parse_config(raw), reactor)
+    service.privilegedStartService()
+    service.startService()
+
+    @implementer(IPolicyForHTTPS)
+    class TrustAnything:
+        def creatorForNetloc(self, hostname, port):
+            return CertificateOptions(verify=False)
+
+    try:
+        client = treq.client.HTTPClient(Agent(reactor, contextFactory=TrustAnything()))
+        resp = await client.get(f"https://127.0.0.1:{port_of(service.manager_listener)}/")
+        assert resp.code == 200
+        assert json.loads(await resp.content())["type"] == "manager-facing"
+    finally:
+        await service.stopService()
