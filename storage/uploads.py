@@ -1,0 +1,452 @@
+"""tus upload state, kept in the volume beside the bytes.
+
+An upload is two files in ``<vfolder>/.upload/``:
+
+* ``<session>``: the staging file the body is written into, at its offset;
+* ``<session>.state``: a small JSON document (length, offset of record,
+  relpath, expiry, kind, ...), always replaced atomically (write, fsync,
+  rename).
+
+No process memory and no Redis: a restarted daemon, or a second daemon over
+the same shared directory, reads the same state.  A writer holds an
+exclusive ``flock`` on the staging file for as long as it writes, so two
+PATCHes on one upload (from one daemon or two) never interleave bytes.
+
+The offset of record never exceeds the durable bytes: the staging file is
+``fdatasync``-ed before a state naming a larger offset is written.
+
+Everything here blocks: call it through ``BlockingPool`` (``prepare_upload``
+does so itself).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from storage import fastio
+from storage.errors import (
+    InsufficientStorage,
+    InvalidAPIParameters,
+    InvalidPath,
+    NotFound,
+    StorageError,
+    VFolderNotFound,
+)
+from storage.paths import is_inside, validate_relpath
+
+STAGING_DIR = ".upload"
+STATE_SUFFIX = ".state"
+STATE_VERSION = 1
+DEFAULT_EXPIRE = 7 * 86400.0
+
+# Kinds of upload (the tus concatenation extension adds the last two).
+NORMAL = "normal"
+PARTIAL = "partial"
+FINAL = "final"
+
+
+class UploadNotFound(NotFound):
+    problem = "tus-session-not-found"
+    title = "No such upload session"
+
+
+class UploadBusy(StorageError):
+    """Another PATCH (here or in another daemon) is writing this upload."""
+
+    status = 423
+    problem = "tus-upload-locked"
+    title = "The upload is being written by another request"
+
+
+class UploadCompleted(StorageError):
+    status = 409
+    problem = "tus-upload-completed"
+    title = "The upload is already complete"
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(16)
+
+
+def is_session_id(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass(frozen=True)
+class UploadState:
+    session: str
+    relpath: str
+    length: int
+    offset: int = 0
+    created: float = 0.0
+    expires: float = 0.0
+    kind: str = NORMAL
+    parts: tuple[str, ...] = ()  # a final upload's partial sessions, in order
+    completed: bool = False
+    version: int = STATE_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["parts"] = list(self.parts)
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> UploadState:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or data.get("version") != STATE_VERSION:
+            raise ValueError("unknown upload state format")
+        return cls(
+            session=str(data["session"]),
+            relpath=str(data["relpath"]),
+            length=int(data["length"]),
+            offset=int(data["offset"]),
+            created=float(data.get("created", 0.0)),
+            expires=float(data.get("expires", 0.0)),
+            kind=str(data.get("kind", NORMAL)),
+            parts=tuple(str(p) for p in data.get("parts", ())),
+            completed=bool(data.get("completed", False)),
+            extra=dict(data.get("extra") or {}),
+        )
+
+
+# -- paths ----------------------------------------------------------------
+
+
+def staging_dir(vfolder: Path) -> Path:
+    return vfolder / STAGING_DIR
+
+
+def staging_path(vfolder: Path, session: str) -> Path:
+    return vfolder / STAGING_DIR / session
+
+
+def state_path(vfolder: Path, session: str) -> Path:
+    return vfolder / STAGING_DIR / (session + STATE_SUFFIX)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# -- state files --------------------------------------------------------------
+
+
+def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) -> None:
+    """Replace the state file atomically (a reader sees the old or the new one)."""
+    final = state_path(vfolder, state.session)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, state.to_json())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if sync_dir:
+        _fsync_dir(final.parent)
+
+
+def read_state(vfolder: Path, session: str) -> UploadState | None:
+    """The upload's state, or None if there is no such upload (or it is unreadable)."""
+    try:
+        raw = state_path(vfolder, session).read_bytes()
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+    try:
+        state = UploadState.from_json(raw)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if state.session != session:
+        return None
+    return state
+
+
+def create_upload(
+    vfolder: Path,
+    session: str,
+    relpath: str,
+    length: int,
+    *,
+    expire: float = DEFAULT_EXPIRE,
+    kind: str = NORMAL,
+    parts: Sequence[str] = (),
+    now: float | None = None,
+) -> UploadState:
+    """Create the empty staging file and its state (blocking)."""
+    if not vfolder.is_dir():
+        raise VFolderNotFound(f"no such vfolder: {vfolder.name}")
+    now = time.time() if now is None else now
+    sdir = staging_dir(vfolder)
+    try:
+        sdir.mkdir(exist_ok=True)
+        if sdir.is_symlink() or not sdir.is_dir():
+            raise InvalidPath(f"{STAGING_DIR} in the vfolder is not a directory")
+        fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        state = UploadState(
+            session=session, relpath=relpath, length=length, offset=0,
+            created=now, expires=now + expire, kind=kind, parts=tuple(parts),
+        )
+        write_state(vfolder, state, sync_dir=True)
+    except OSError as exc:
+        if _disk_full(exc):
+            raise InsufficientStorage(f"cannot create the upload: {exc.strerror}") from None
+        raise
+    return state
+
+
+async def prepare_upload(
+    volume: Any,
+    vfid: Any,
+    relpath: str,
+    size: int,
+    *,
+    max_size: int | None = None,
+    expire: float = DEFAULT_EXPIRE,
+) -> str:
+    """Start an upload (the manager API's ``POST /folder/file/upload``).
+
+    Returns the new 32-hex session id for the upload token.  Creates
+    ``<vfolder>/.upload/<session>`` (empty) and its state file, in the pool.
+    ``max_size`` is ``config.max_upload_size``; ``expire`` is how long an
+    abandoned upload is kept (``config.upload_expire``).
+    """
+    validate_relpath(relpath)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidAPIParameters.field("size", "must be a non-negative integer")
+    if max_size is not None and size > max_size:
+        raise InvalidAPIParameters.field("size", f"larger than the maximum upload size ({max_size} bytes)")
+    session = new_session_id()
+    vfolder = Path(volume.vfolder_path(vfid))
+    await volume.pool.run(create_upload, vfolder, session, relpath, size, expire=expire)
+    return session
+
+
+# -- writing ----------------------------------------------------------------------
+
+
+class UploadWriter:
+    """The one writer of an upload: holds the lock and the staging file open.
+
+    Created by ``open_writer`` (blocking), driven from the pool.
+    """
+
+    def __init__(self, vfolder: Path, state: UploadState, fd: int) -> None:
+        self.vfolder = vfolder
+        self.state = state
+        self.fd = fd
+        self.start = state.offset  # where this request's bytes begin
+        self.offset = state.offset  # bytes written so far (not necessarily durable)
+
+    def write(self, buffers: Sequence[bytes]) -> int:
+        """Write buffers at the current offset; on ENOSPC/EDQUOT keep what got in."""
+        total = sum(len(b) for b in buffers)
+        if self.offset + total > self.state.length:
+            raise AssertionError("a write past Upload-Length must be refused before this")
+        try:
+            n = fastio.pwrite_all(self.fd, buffers, self.offset)
+        except OSError as exc:
+            if _disk_full(exc):
+                # Count what did reach the file: pwrite_all may have written a prefix.
+                self.offset = max(self.offset, min(os.fstat(self.fd).st_size, self.offset + total))
+                raise InsufficientStorage(f"the upload does not fit: {exc.strerror}") from None
+            raise
+        self.offset += n
+        return n
+
+    def commit(self, offset: int | None = None) -> UploadState:
+        """Make the bytes up to ``offset`` durable and record that offset."""
+        offset = self.offset if offset is None else offset
+        os.fdatasync(self.fd)
+        if offset != self.state.offset:
+            self.state = replace(self.state, offset=offset)
+            write_state(self.vfolder, self.state)
+        return self.state
+
+    def rollback(self) -> UploadState:
+        """Discard this request's bytes (a checksum mismatch or a refused body)."""
+        os.ftruncate(self.fd, self.start)
+        self.offset = self.start
+        return self.state
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # releases the flock
+            self.fd = -1
+
+
+def open_writer(vfolder: Path, session: str, expected_offset: int | None) -> UploadWriter:
+    """Lock the upload for writing and check the client's offset (blocking).
+
+    Raises ``UploadNotFound``, ``UploadBusy`` (a writer holds it),
+    ``UploadCompleted``, or ``OffsetMismatch`` (with the offset of record).
+    """
+    try:
+        fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        state = read_state(vfolder, session)
+        if state is not None and state.completed:
+            raise UploadCompleted() from None
+        raise UploadNotFound() from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UploadBusy() from None
+        # Read the state only under the lock: the last writer may just have moved it on.
+        state = read_state(vfolder, session)
+        if state is None:
+            raise UploadNotFound()
+        if state.completed:
+            raise UploadCompleted()
+        if expected_offset is not None and expected_offset != state.offset:
+            raise OffsetMismatch(state.offset)
+        # Bytes past the offset of record were never acknowledged: drop them.
+        if os.fstat(fd).st_size != state.offset:
+            os.ftruncate(fd, state.offset)
+    except BaseException:
+        os.close(fd)
+        raise
+    return UploadWriter(vfolder, state, fd)
+
+
+class OffsetMismatch(StorageError):
+    status = 409
+    problem = "upload-offset-mismatch"
+    title = "Upload-Offset does not match the current offset"
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the upload is at offset {current}", current_offset=current)
+        self.current = current
+
+
+# -- completion ---------------------------------------------------------------------
+
+
+def _target_path(vfolder: Path, relpath: str, dst_dir: str | None) -> Path:
+    """``<vfolder>/[dst_dir/]relpath``, parents created, confined to the vfolder.
+
+    Every directory on the way must resolve inside the vfolder; a symlink as
+    the last component is replaced by the rename, never followed.
+    """
+    rel = validate_relpath(relpath)
+    if dst_dir:
+        rel = validate_relpath(dst_dir, "dst_dir") / rel
+    if str(rel) == "." or rel.parts[0] == STAGING_DIR:
+        raise InvalidPath(f"not a file path in the vfolder: {str(rel)!r}", data={"relpath": "invalid"})
+    real_root = os.path.realpath(vfolder)
+    parent = Path(real_root)
+    for part in rel.parts[:-1]:
+        parent = parent / part
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            pass
+        real = os.path.realpath(parent)
+        if not is_inside(real_root, real):
+            raise InvalidPath(
+                f"relpath: leads outside the vfolder: {str(rel)!r}", data={"relpath": "leads outside the vfolder"}
+            )
+        parent = Path(real)
+    target = parent / rel.parts[-1]
+    if target.is_dir() and not target.is_symlink():
+        raise InvalidPath(f"relpath: a directory is in the way: {str(rel)!r}", data={"relpath": "is a directory"})
+    return target
+
+
+def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float) -> UploadState:
+    """Move the full staging file to its target (blocking, under the writer's lock).
+
+    The state stays behind marked completed until ``keep_until``, so a client
+    that lost the last response can still HEAD the upload.
+    """
+    vfolder = writer.vfolder
+    state = writer.state
+    assert state.offset == state.length
+    try:
+        target = _target_path(vfolder, state.relpath, dst_dir)
+        os.rename(staging_path(vfolder, state.session), target)
+        _fsync_dir(target.parent)
+    except OSError as exc:
+        if _disk_full(exc):
+            raise InsufficientStorage(f"cannot place the uploaded file: {exc.strerror}") from None
+        raise
+    done = replace(state, completed=True, expires=keep_until, extra=dict(state.extra, target=str(target)))
+    write_state(vfolder, done)
+    writer.state = done
+    return done
+
+
+def remove_upload(vfolder: Path, session: str, *, force: bool = False) -> bool:
+    """Delete an upload's files (tus termination, expiry); False if there were none.
+
+    Unless ``force``, raises ``UploadBusy`` while a writer holds the upload.
+    """
+    staging = staging_path(vfolder, session)
+    fd = -1
+    try:
+        fd = os.open(staging, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    try:
+        if fd >= 0 and not force:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UploadBusy() from None
+        found = False
+        for path in (staging, state_path(vfolder, session)):
+            try:
+                path.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    remove_staging_dir_if_empty(vfolder)
+    return found
+
+
+def remove_staging_dir_if_empty(vfolder: Path) -> None:
+    try:
+        staging_dir(vfolder).rmdir()
+    except OSError:
+        pass
+
+
+def upload_status(vfolder: Path, session: str) -> UploadState:
+    """The state a HEAD reports (blocking); ``UploadNotFound`` if there is none."""
+    state = read_state(vfolder, session)
+    if state is None:
+        raise UploadNotFound()
+    if not state.completed and not staging_path(vfolder, session).exists():
+        raise UploadNotFound()
+    return state
