@@ -45,3 +45,43 @@ def test_missing_config_file_is_one_line(tmp_path):
     )
     assert out.returncode != 0
     assert out.stderr.strip().splitlines() == [f"storage-proxy: config: {tmp_path / 'nope.toml'}: cannot read: No such file or directory"]
+
+
+def test_drops_privileges_after_binding(tmp_path):
+    import pwd
+    import re
+    import time
+
+    import pytest
+
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    nobody = pwd.getpwnam("nobody")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    os.chown(vol, nobody.pw_uid, nobody.pw_gid)
+    os.chmod(tmp_path, 0o755)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[storage-proxy]\nsecret = "x"\nuser = "nobody"\n'
+        '[api.manager]\nsecret = "y"\nservice-addr = {host = "127.0.0.1", port = 0}\n'
+        '[api.client]\nservice-addr = {host = "127.0.0.1", port = 0}\n'
+        f'[volume.local]\nbackend = "vfs"\npath = "{vol}"\n'
+    )
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            TWISTD + ["-n", "--pidfile=", "storage-proxy", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, env=env(), cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "client API listening" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        status = open(f"/proc/{proc.pid}/status").read()
+        uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+        assert set(uids) == {str(nobody.pw_uid)}
+    finally:
+        proc.terminate()
+        proc.wait(30)
