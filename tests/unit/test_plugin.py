@@ -79,9 +79,15 @@ def test_drops_privileges_after_binding(tmp_path):
         while "client API listening" not in log.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.05)
-        status = open(f"/proc/{proc.pid}/status").read()
-        uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+        # The ports are bound (and logged) before twistd sheds privileges.
+        while time.monotonic() < deadline:
+            status = open(f"/proc/{proc.pid}/status").read()
+            uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
+            if set(uids) != {"0"}:
+                break
+            time.sleep(0.05)
         assert set(uids) == {str(nobody.pw_uid)}
+        assert proc.poll() is None
     finally:
         proc.terminate()
         proc.wait(30)
