@@ -1,44 +1,72 @@
-"""The Site both APIs are served by: it counts in-flight requests so a
-graceful stop can wait for them (bounded) after the listener closes."""
+"""The Site both APIs are served by.
+
+* It counts work in flight (requests, and streamed bodies still being made
+  durable after their client left) so a graceful stop can wait for them
+  (bounded) after the listener closes: ``drain()``.
+* ``max_body`` caps request bodies: a larger one is answered 413 without
+  being read (the manager API's JSON bodies).
+* ``body_handler`` may take a request's body before twisted.web buffers it
+  (tus PATCH bodies are streamed to disk): see ``storage.web.streaming``.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.web.server import Request, Site
+from twisted.web.server import Site
 
+from storage.web.streaming import BodyHandler, StreamingRequest
 
-class TrackingRequest(Request):
-    def process(self) -> None:
-        site = self.channel.site if self.channel is not None else None
-        if isinstance(site, StorageSite):
-            site.request_started(self)
-        super().process()
+# Bodies of streamed uploads are read from the socket in chunks this large
+# (twisted's default is 64 KiB): fewer, larger reads cost less CPU per byte.
+UPLOAD_READ_SIZE = 1 << 20
 
 
 class StorageSite(Site):
-    requestFactory = TrackingRequest
+    requestFactory = StreamingRequest
     displayTracebacks = False
 
-    def __init__(self, resource: Any, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        resource: Any,
+        *args: Any,
+        max_body: int | None = None,
+        body_handler: BodyHandler | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(resource, *args, **kwargs)
-        self.in_flight: set[Request] = set()
+        self.max_body = max_body
+        self.body_handler = body_handler
+        self.in_flight: set[Any] = set()
         self._drained: list[Deferred[None]] = []
 
-    def request_started(self, request: Request) -> None:
+    def request_started(self, request: Any) -> None:
+        if request in self.in_flight:
+            return
         self.in_flight.add(request)
-        request.notifyFinish().addBoth(lambda _: self._request_done(request))
+        request.notifyFinish().addBoth(lambda _: self._done(request))
 
-    def _request_done(self, request: Request) -> None:
-        self.in_flight.discard(request)
+    def track(self, work: Deferred[Any]) -> None:
+        """Count ``work`` (e.g. making an interrupted upload durable) as in flight."""
+        token = object()
+        self.in_flight.add(token)
+
+        def finished(result: Any) -> Any:
+            self._done(token)
+            return result
+
+        work.addBoth(finished)
+
+    def _done(self, item: Any) -> None:
+        self.in_flight.discard(item)
         if not self.in_flight:
             waiting, self._drained = self._drained, []
             for d in waiting:
                 d.callback(None)
 
     def drain(self) -> Deferred[None]:
-        """Fires when no request is in flight (the caller bounds the wait)."""
+        """Fires when nothing is in flight (the caller bounds the wait)."""
         if not self.in_flight:
             return succeed(None)
         d: Deferred[None] = Deferred()

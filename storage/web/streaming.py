@@ -1,0 +1,395 @@
+"""Request bodies that are not buffered: streamed to a sink, capped, or refused early.
+
+twisted.web reads a whole body (into memory or a temp file) before any
+resource sees the request.  ``StreamingRequest`` hooks in where the headers
+are in and no body byte has been read (``gotLength``) and lets the site:
+
+* cap the body (``max_body``): a declared or received size over the cap is
+  answered with 413 at once, without reading the rest;
+* hand the body to a ``BodySink`` of its choosing (``body_handler``), such as
+  an ``UploadSink`` that writes it to a file as it arrives, with backpressure;
+* refuse it early: discard a small body and answer when it ends, or answer at
+  once and half-close when the rest is large.
+
+Twisted has no public hook for this (twisted/twisted#4688, #10190, #5511);
+the private attributes relied on are read in ``request_line`` and
+``pause_reading``, pinned by tests/web/test_twisted_internals.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.server import Request
+
+from storage.errors import RequestTooLarge, StorageError
+
+log = Logger()
+
+# An early refusal discards up to this much body to answer cleanly at its end;
+# past it the answer goes out at once and the connection is half-closed.
+DISCARD_LIMIT = 16 << 20
+# How long a half-closed connection may keep sending before it is aborted.
+ABORT_AFTER = 10.0
+
+
+def request_line(channel: Any) -> tuple[bytes, bytes]:
+    """The method and URI of the request whose headers ``channel`` just parsed.
+
+    Before ``requestReceived`` they live only on the channel, as the private
+    ``_command`` and ``_path`` (Twisted 16.3 to 26.10 at least).
+    """
+    return channel._command, channel._path
+
+
+def pause_reading(channel: Any) -> None:
+    channel.transport.pauseProducing()
+
+
+def resume_reading(channel: Any) -> None:
+    transport = channel.transport
+    if transport is not None:
+        transport.resumeProducing()
+    channel.resetTimeout()
+
+
+class BodySink(Protocol):
+    """What twisted.web calls on ``request.content``, plus the end-of-body events."""
+
+    def write(self, data: bytes) -> None: ...
+    def body_received(self) -> None: ...  # the last byte is in
+    def connection_lost(self) -> None: ...  # the client left before the end
+    def tell(self) -> int: ...
+    def seek(self, offset: int, whence: int = 0) -> int: ...
+    def read(self, size: int = -1) -> bytes: ...
+    def close(self) -> None: ...
+
+
+class DiscardSink:
+    """Counts and drops a body that will not be used."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def body_received(self) -> None:
+        pass
+
+    def connection_lost(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+def problem_response(error: StorageError, extra_headers: dict[bytes, bytes] | None = None) -> bytes:
+    """A complete HTTP/1.1 response for ``error``, for writing to the transport directly."""
+    body = json.dumps(error.body()).encode()
+    reason = http.RESPONSES.get(error.status, b"Error")
+    lines = [
+        b"HTTP/1.1 %d %s" % (error.status, reason),
+        b"Content-Type: application/problem+json",
+        b"Content-Length: %d" % len(body),
+        b"Connection: close",
+    ]
+    for name, value in (extra_headers or {}).items():
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+BodyHandler = Callable[["StreamingRequest", "int | None"], "BodySink | None"]
+
+
+class StreamingRequest(Request):
+    """A Request whose body may go to a sink chosen once the headers are in."""
+
+    early_error: StorageError | None = None
+    early_headers: dict[bytes, bytes] | None = None
+    _answered_early = False
+    _body_done = False
+    _abort_call: Any = None
+
+    def gotLength(self, length: int | None) -> None:
+        self.method, self.uri = request_line(self.channel)
+        self.path = self.uri.split(b"?", 1)[0]
+        self.received_bytes = 0
+        self.declared_length = length
+        site = self.channel.site
+        self.body_limit = getattr(site, "max_body", None)
+        site_started = getattr(site, "request_started", None)
+        if self.body_limit is not None and length is not None and length > self.body_limit:
+            super().gotLength(0)
+            self.refuse(RequestTooLarge(f"the body is larger than {self.body_limit} bytes"), now=True)
+            return
+        handler: BodyHandler | None = getattr(site, "body_handler", None)
+        sink = handler(self, length) if handler is not None else None
+        if sink is None:
+            super().gotLength(length)
+            return
+        self.content = sink
+        if site_started is not None:
+            # A streamed body is work in flight from its first byte.
+            site_started(self)
+
+    def refuse(self, error: StorageError, headers: dict[bytes, bytes] | None = None, *, now: bool = False) -> None:
+        """Refuse the body: discard it and answer ``error`` at its end, or now if it is large."""
+        if self.early_error is not None:
+            return
+        self.early_error = error
+        self.early_headers = headers
+        old = self.content
+        self.content = DiscardSink()
+        self.content.received = getattr(old, "received", 0)
+        remaining = None if self.declared_length is None else self.declared_length - self.received_bytes
+        if now or remaining is None or remaining > DISCARD_LIMIT:
+            self.answer_now()
+
+    def answer_now(self) -> None:
+        """Send the early error at once, stop the 100-continue, half-close, drain a while."""
+        if self._answered_early or self.channel is None or self.early_error is None:
+            return
+        self._answered_early = True
+        self.requestHeaders.removeHeader(b"Expect")
+        channel = self.channel
+        transport = channel.transport
+        transport.write(problem_response(self.early_error, self.early_headers))
+        channel.persistent = False
+        resume_reading(channel)
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+        reactor = getattr(channel, "callLater", None)
+        if reactor is not None and hasattr(transport, "abortConnection"):
+            self._abort_call = channel.callLater(ABORT_AFTER, transport.abortConnection)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received_bytes += len(data)
+        if self.body_limit is not None and self.received_bytes > self.body_limit:
+            self.refuse(RequestTooLarge(f"the body is larger than {self.body_limit} bytes"), now=True)
+        self.content.write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self._body_done = True
+        if self._answered_early:
+            # The answer is out; the rest was only drained.
+            self.channel.loseConnection()
+            return
+        sink = self.content
+        if hasattr(sink, "body_received"):
+            sink.body_received()
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        site = self.channel.site if self.channel is not None else None
+        started = getattr(site, "request_started", None)
+        if started is not None:
+            started(self)
+        if self.early_error is not None:
+            self._answer_early_error()
+            return
+        super().process()
+
+    def _answer_early_error(self) -> None:
+        error = self.early_error
+        assert error is not None
+        self.setResponseCode(error.status)
+        for name, value in (self.early_headers or {}).items():
+            self.setHeader(name, value)
+        self.setHeader(b"Content-Type", b"application/problem+json")
+        self.write(json.dumps(error.body()).encode())
+        self.finish()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        sink = self.content
+        if not self._body_done and sink is not None and hasattr(sink, "connection_lost"):
+            sink.connection_lost()
+        super().connectionLost(reason)
+
+
+class UploadTarget(Protocol):
+    """Where an ``UploadSink`` puts bytes; every method runs its work off the reactor."""
+
+    def write(self, buffers: list[bytes]) -> Deferred[int]: ...
+
+
+class UploadSink:
+    """Streams a body into an ``UploadTarget``: ordered writes, bounded memory.
+
+    Until ``ready`` fires with the target, chunks queue with the socket
+    paused.  Then at most one write is in flight; chunks arriving meanwhile
+    are batched into the next one (one pool hop and one ``pwritev`` for many
+    socket reads).  Above ``high_water`` bytes queued or in flight the socket
+    is paused; below ``low_water`` it resumes and the idle timeout restarts.
+
+    ``done`` fires with the bytes written once the body has ended (or the
+    client left) and every write has finished; or, as soon as no write is in
+    flight, fails with the first error (``ready`` failing, a write failing,
+    or the body passing ``limit``).  After an error the rest of the body is
+    counted and dropped; nothing past ``limit`` is ever written.
+    """
+
+    def __init__(
+        self,
+        channel: Any,
+        ready: Deferred[UploadTarget],
+        *,
+        limit: int | None = None,
+        too_long: Callable[[], StorageError] | None = None,
+        high_water: int = 8 << 20,
+        low_water: int = 2 << 20,
+        max_batch: int = 8 << 20,
+    ) -> None:
+        self.channel = channel
+        self.limit = limit
+        self.too_long = too_long
+        self.high_water = high_water
+        self.low_water = low_water
+        self.max_batch = max_batch
+        self.target: UploadTarget | None = None
+        self.queue: deque[bytes] = deque()
+        self.queued = 0  # bytes waiting in ``queue``
+        self.writing = 0  # bytes in the write in flight
+        self.received = 0
+        self.written = 0
+        self.paused = False
+        self.pauses = 0
+        self.error: Failure | None = None
+        self.ended = False  # body complete or connection lost
+        self.complete = False  # body complete
+        self.done: Deferred[int] = Deferred()
+        self._fired = False
+        self._pause()
+        ready.addCallbacks(self._ready, self._fail)
+
+    # -- the file-like face twisted.web sees -------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.received += len(data)
+        if self.error is not None:
+            return
+        if self.limit is not None and self.received > self.limit:
+            error = self.too_long() if self.too_long else RequestTooLarge("the body is too long")
+            self._fail(Failure(error))
+            return
+        self.queue.append(data)
+        self.queued += len(data)
+        self._pump()
+        if self.queued + self.writing > self.high_water:
+            self._pause()
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+    # -- end-of-body events (from StreamingRequest) -------------------------
+
+    def body_received(self) -> None:
+        self.complete = True
+        self.ended = True
+        self._maybe_done()
+
+    def connection_lost(self) -> None:
+        self.ended = True
+        self._maybe_done()
+
+    # -- internals ----------------------------------------------------------
+
+    def _pause(self) -> None:
+        # Idempotent: twisted.web itself may resume the transport behind our back.
+        if self.channel is not None and self.channel.transport is not None:
+            pause_reading(self.channel)
+            if not self.paused:
+                self.pauses += 1
+            self.paused = True
+
+    def _resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self.channel is not None and self.channel.transport is not None:
+            resume_reading(self.channel)
+
+    def _ready(self, target: UploadTarget) -> None:
+        if self.error is not None:
+            return
+        self.target = target
+        self._pump()
+        if self.queued + self.writing <= self.low_water:
+            self._resume()
+        self._maybe_done()
+
+    def _pump(self) -> None:
+        if self.target is None or self.writing or not self.queue or self.error is not None:
+            return
+        batch: list[bytes] = []
+        size = 0
+        while self.queue and size < self.max_batch:
+            chunk = self.queue.popleft()
+            batch.append(chunk)
+            size += len(chunk)
+        self.queued -= size
+        self.writing = size
+        self.target.write(batch).addCallbacks(self._wrote, self._write_failed)
+
+    def _wrote(self, n: int) -> None:
+        self.written += n
+        self.writing = 0
+        self._pump()
+        if self.queued + self.writing <= self.low_water:
+            self._resume()
+        self._maybe_done()
+
+    def _write_failed(self, failure: Failure) -> None:
+        self.writing = 0
+        self._fail(failure)
+
+    def _fail(self, failure: Failure) -> None:
+        if self.error is None:
+            self.error = failure
+            self.queue.clear()
+            self.queued = 0
+            # Read (and drop) the rest: the request answers when it decides to.
+            self._resume()
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self._fired or self.writing:
+            return
+        if self.error is None and not (self.ended and self.target is not None and not self.queue):
+            return
+        self._fired = True
+        if self.error is not None:
+            self.done.errback(self.error)
+        else:
+            self.done.callback(self.written)
