@@ -28,7 +28,7 @@ def make_site(max_body: int | None) -> tuple[StorageSite, list[bytes]]:
 
 def connect(site: StorageSite) -> tuple[object, StringTransport]:
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
-    channel.callLater = Clock().callLater
+    channel._channel.callLater = Clock().callLater
     transport = StringTransport()
     channel.makeConnection(transport)
     return channel, transport

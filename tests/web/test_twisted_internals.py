@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
-from twisted.web.resource import Resource
+from twisted.web.pages import notFound
 from twisted.web.server import Request, Site
 
 from storage.web.streaming import pause_reading, request_line, resume_reading
@@ -30,12 +30,13 @@ class Probe(Request):
 
 
 def channel_for(request_factory):
-    site = Site(Resource())
+    site = Site(notFound())
     site.requestFactory = request_factory
-    channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    wrapper = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
     transport = StringTransport()
-    channel.makeConnection(transport)
-    return channel, transport
+    wrapper.makeConnection(transport)
+    # buildProtocol wraps the HTTPChannel (for HTTP/2 negotiation); requests see the inner one.
+    return wrapper._channel, transport
 
 
 def test_request_line_and_headers_are_known_in_gotLength_before_any_body_byte():
