@@ -1,19 +1,211 @@
-"""Manager-facing API (placeholder: being written)."""
+"""Manager-facing API: upstream 26.9.6's routes, on Klein.
+
+Routes decode and validate the JSON body (``storage.api.params``), check the
+shared secret (``storage.auth``), call the volume's backend and encode the
+answer; they know nothing about filesystems.  Long operations (vfolder
+delete and clone, delete-async) run as background tasks that
+``GET /bgtask/<id>`` reports on.  Failures are problem+json, never HTML
+(``storage.api.problems``).  See ``docs/manager-api.md``.
+"""
 
 from __future__ import annotations
 
+import errno as errno_codes
+import functools
+import os
+import stat as stat_module
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
-from storage import API_VERSION
+from backends.base import AbstractVolume, QuotaConfig
+from storage import API_VERSION, tokens
+from storage.api import params as p
+from storage.api.params import Field
 from storage.api.problems import add_error_handling, json_body
+from storage.auth import check_manager_token
+from storage.errors import (
+    DeprecatedAPI,
+    FileNotFound,
+    FileOperationFailed,
+    InsufficientStorage,
+    InvalidAPIParameters,
+    InvalidPath,
+    InvalidQuotaConfig,
+    InvalidSubpath,
+    NotFound,
+    QuotaScopeExists,
+    QuotaScopeNotFound,
+    StorageError,
+    UnsupportedOperation,
+    VFolderExists,
+    VFolderNotFound,
+)
+from storage.health import HealthChecker, health_body
+from storage.metrics import ManagerMetrics
+from storage.vfid import VFolderID
 from storage.web.site import StorageSite
+
+log = Logger()
+
+# Upstream's DEFAULT_VFOLDER_PERMISSION_MODE.
+DEFAULT_VFOLDER_MODE = 0o775
+FETCH_CHUNK = 256 * 1024
+METRICS_FS_TIMEOUT = 2.0
+
+app = Klein()
+add_error_handling(app)
+
+
+class MountVFolderNotFound(VFolderNotFound):
+    """``/folder/mount`` answers a missing vfolder with 400, as upstream."""
+
+    status = 400
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+# -- turning backend failures into API errors --------------------------------------
+
+
+def _os_error(exc: OSError, vfolder: Path | None) -> StorageError:
+    """Upstream answers an OSError of a file operation with 400 {msg, errno, paths}."""
+    msg = exc.strerror or str(exc)
+    if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+        return InsufficientStorage(msg, errno=exc.errno)
+    paths = []
+    for name in (exc.filename, exc.filename2):
+        if not name:
+            continue
+        name = os.fsdecode(name)
+        if vfolder is not None:
+            try:
+                name = str(Path(name).relative_to(vfolder))
+            except ValueError:
+                name = os.path.basename(name)  # never reveal where volumes live
+        paths.append(name)
+    return FileOperationFailed(msg, errno=exc.errno, paths=paths)
+
+
+def api_route(path: str, method: str, *, auth: bool = True, name: str | None = None) -> Callable[[Any], Any]:
+    """A manager route: metrics, the auth check, and backend errors mapped to problems."""
+
+    def decorate(f: Callable[..., Any]) -> Any:
+        route = name or path
+
+        @functools.wraps(f)
+        async def handler(self: ManagerAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
+            self.metrics.track(request, route)
+            if auth:
+                check_manager_token(request, self.config.manager.secret)
+            try:
+                return await f(self, request, *args, **kwargs)
+            except (StorageError, CancelledError):
+                raise
+            except NotImplementedError:
+                raise UnsupportedOperation("Unsupported operation by the storage backend") from None
+            except OSError as exc:
+                raise _os_error(exc, getattr(request, "storage_vfolder_path", None)) from exc
+
+        return app.route(path, methods=[method], endpoint=f"{method} {path}")(handler)
+
+    return decorate
+
+
+# -- streaming a file with backpressure ----------------------------------------------
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """Registered on the request: tells the fetch loop when the transport is full."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiting: Deferred[None] | None = None
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def ready(self) -> Deferred[None]:
+        if not self.paused or self.stopped:
+            return succeed(None)
+        self._waiting = Deferred()
+        return self._waiting
+
+
+def _open_for_fetch(path: Path) -> Any:
+    """Blocking: open a regular file for reading, never following a final symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFound("no such file in the vfolder") from None
+    except IsADirectoryError:
+        raise InvalidAPIParameters.field("relpath", "is a directory") from None
+    f = os.fdopen(fd, "rb", buffering=0)
+    if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise InvalidAPIParameters.field("relpath", "is not a regular file")
+    return f
+
+
+# -- the API ------------------------------------------------------------------------
+
+
+class BackgroundTaskService(Service):
+    """At shutdown, asks running background tasks to stop and waits for them (bounded)."""
+
+    name = "manager-bgtasks"
+
+    def __init__(self, bgtasks: Any, reactor: Any, grace: float) -> None:
+        self.bgtasks = bgtasks
+        self.reactor = reactor
+        self.grace = grace
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        running = self.bgtasks.running()
+        if not running:
+            return None
+        for task in running:
+            self.bgtasks.cancel(task.task_id)
+        waits = [t.deferred for t in running if t.deferred is not None]
+        done: Deferred[Any] = DeferredList(waits, consumeErrors=True)
+        timer = self.reactor.callLater(self.grace, lambda: done.cancel())
+        done.addBoth(lambda r: timer.cancel() if timer.active() else None)
+        return done
 
 
 class ManagerAPI:
-    app = Klein()
-    add_error_handling(app)
+    app = app
 
     def __init__(self, config: Any, volumes: Any, bgtasks: Any, pool: Any, reactor: Any) -> None:
         self.config = config
@@ -21,13 +213,511 @@ class ManagerAPI:
         self.bgtasks = bgtasks
         self.pool = pool
         self.reactor = reactor
+        self.metrics = ManagerMetrics(bgtasks)
+        self.health = HealthChecker(volumes, pool, reactor)
 
     def services(self) -> list[Any]:
-        return []
+        return [BackgroundTaskService(self.bgtasks, self.reactor, getattr(self.config, "shutdown_grace", 10.0))]
 
     def site(self) -> StorageSite:
-        return StorageSite(self.app.resource())
+        resource = self.app.resource()
+        try:
+            return StorageSite(resource, max_body=self.config.max_manager_body)  # type: ignore[call-arg]
+        except TypeError:  # a StorageSite without a body cap: params.py still enforces it
+            return StorageSite(resource)
 
-    @app.route("/", methods=["GET"])
-    def status(self, request: Any) -> bytes:
+    # -- helpers ------------------------------------------------------------
+
+    def _params(self, request: IRequest, *fields: Field, allow_extra: bool = False) -> dict[str, Any]:
+        raw = p.read_json_body(request, self.config.max_manager_body)
+        return p.parse_params(raw, fields, allow_extra=allow_extra)
+
+    def _volume(self, request: IRequest, name: str) -> AbstractVolume:
+        request.storage_volume = name  # type: ignore[attr-defined]  # problems.py logs it
+        return self.volumes.get(name)
+
+    def _vfolder(self, request: IRequest, name: str, vfid: VFolderID) -> AbstractVolume:
+        volume = self._volume(request, name)
+        request.storage_vfolder_path = volume.vfolder_path(vfid)  # type: ignore[attr-defined]
+        return volume
+
+    async def _require_vfolder(self, volume: AbstractVolume, vfid: VFolderID) -> Path:
+        path = volume.vfolder_path(vfid)
+        if not await self.pool.run(os.path.isdir, path):
+            raise VFolderNotFound(f"no such vfolder: {vfid}", vfid=str(vfid))
+        return path
+
+    @staticmethod
+    def _no_content(request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        return b""
+
+    # -- status, health, metrics -------------------------------------------
+
+    def _status(self, request: IRequest) -> bytes:
+        p.require_empty_body(request, self.config.max_manager_body)
         return json_body(request, {"status": "ok", "type": "manager-facing", "storage-proxy": API_VERSION})
+
+    @api_route("/", "GET", auth=False)
+    async def status(self, request: IRequest) -> bytes:
+        return self._status(request)
+
+    @api_route("/status", "GET", auth=False)
+    async def status_alias(self, request: IRequest) -> bytes:
+        return self._status(request)
+
+    @api_route("/health", "GET", auth=False)
+    async def check_health(self, request: IRequest) -> bytes:
+        code, body = health_body(await self.health.connectivity(), probe=False)
+        return json_body(request, body, code)
+
+    @api_route("/livez", "GET", auth=False)
+    async def check_livez(self, request: IRequest) -> bytes:
+        code, body = health_body(await self.health.connectivity(), probe=True)
+        return json_body(request, body, code)
+
+    @api_route("/readyz", "GET", auth=False)
+    async def check_readyz(self, request: IRequest) -> bytes:
+        code, body = health_body(await self.health.connectivity(), probe=True)
+        return json_body(request, body, code)
+
+    @api_route("/metrics", "GET", auth=False)
+    async def metrics_text(self, request: IRequest) -> bytes:
+        await self._refresh_fs_usage()
+        data, content_type = self.metrics.render()
+        request.setHeader(b"Content-Type", content_type.encode())
+        return data
+
+    async def _refresh_fs_usage(self) -> None:
+        async def one(volume: AbstractVolume) -> None:
+            usage = await volume.get_fs_usage()
+            self.metrics.set_fs_usage(volume.name, usage.capacity_bytes, usage.used_bytes)
+
+        waits = []
+        for volume in self.volumes:
+            d = Deferred.fromCoroutine(one(volume))
+            timer = self.reactor.callLater(METRICS_FS_TIMEOUT, d.cancel)
+            d.addBoth(lambda r, t=timer: (t.cancel() if t.active() else None, r)[1])
+            waits.append(d)
+        await DeferredList(waits, consumeErrors=True)
+
+    # -- volumes --------------------------------------------------------------
+
+    @api_route("/volumes", "GET")
+    async def get_volumes(self, request: IRequest) -> bytes:
+        p.require_empty_body(request, self.config.max_manager_body)
+        return json_body(request, {"volumes": [v.describe() for v in self.volumes]})
+
+    @api_route("/volume/hwinfo", "GET")
+    async def get_hwinfo(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name))
+        volume = self._volume(request, args["volume"])
+        return json_body(request, await volume.get_hwinfo())
+
+    @api_route("/volume/performance-metric", "GET")
+    async def get_performance_metric(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name))
+        volume = self._volume(request, args["volume"])
+        metric = await volume.get_performance_metric()
+        if isinstance(metric, dict) and "metric" in metric and "observed_at" in metric:
+            return json_body(request, metric)
+        return json_body(request, {"metric": metric, "observed_at": _now_iso()})
+
+    @api_route("/folder/fs-usage", "GET")
+    async def get_fs_usage(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name))
+        volume = self._volume(request, args["volume"])
+        usage = await volume.get_fs_usage()
+        self.metrics.set_fs_usage(volume.name, usage.capacity_bytes, usage.used_bytes)
+        return json_body(request, {"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
+
+    @api_route("/volume/quota", "GET")
+    async def get_quota(self, request: IRequest) -> bytes:
+        self._params(request, Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None))
+        raise DeprecatedAPI("get_quota (for individual vfolder) is a deprecated API")
+
+    @api_route("/volume/quota", "PATCH")
+    async def set_quota(self, request: IRequest) -> bytes:
+        self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None),
+            Field("size_bytes", p.binary_size),
+        )
+        raise DeprecatedAPI("set_quota (for individual vfolder) is a deprecated API")
+
+    # -- quota scopes --------------------------------------------------------
+
+    @api_route("/quota-scope", "POST")
+    async def create_quota_scope(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id),
+            Field("options", p.nullable(p.quota_options), None), Field("extra_args", p.nullable(p.mapping), None),
+        )
+        volume = self._volume(request, args["volume"])
+        options = QuotaConfig(args["options"]) if args["options"] is not None else None
+        try:
+            await volume.create_quota_scope(args["qsid"], options, args["extra_args"])
+        except QuotaScopeExists:
+            raise QuotaScopeExists("Volume already exists with given quota scope.") from None
+        return self._no_content(request)
+
+    @api_route("/quota-scope", "GET")
+    async def get_quota_scope(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id))
+        volume = self._volume(request, args["volume"])
+        usage = await volume.describe_quota_scope(args["qsid"])
+        if usage is None:
+            raise QuotaScopeNotFound(f"no such quota scope: {args['qsid']}")
+
+        def non_negative(value: int | None) -> int | None:
+            return value if value is not None and value >= 0 else None
+
+        return json_body(
+            request, {"used_bytes": non_negative(usage.used_bytes), "limit_bytes": non_negative(usage.limit_bytes)}
+        )
+
+    @api_route("/quota-scope", "PATCH")
+    async def update_quota_scope(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id),
+            Field("options", p.quota_options),
+        )
+        volume = self._volume(request, args["volume"])
+        try:
+            await volume.update_quota_scope(args["qsid"], QuotaConfig(args["options"]))
+        except InvalidQuotaConfig:
+            raise InvalidQuotaConfig("Invalid quota config option") from None
+        return self._no_content(request)
+
+    @api_route("/quota-scope/quota", "DELETE")
+    async def unset_quota(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id))
+        volume = self._volume(request, args["volume"])
+        await volume.unset_quota(args["qsid"])
+        return self._no_content(request)
+
+    # -- vfolders -----------------------------------------------------------
+
+    @api_route("/folder/create", "POST")
+    async def create_vfolder(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+            Field("mode", p.permission_mode, DEFAULT_VFOLDER_MODE), Field("options", p.nullable(p.mapping), None),
+        )
+        vfid: VFolderID = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        mode = args["mode"] if args["mode"] is not None else DEFAULT_VFOLDER_MODE
+        try:
+            await volume.create_vfolder(vfid, mode)
+        except QuotaScopeNotFound:
+            if vfid.quota_scope_id is None or not self.config.allow_auto_quota_scope_creation:
+                raise
+            initial = (args["options"] or {}).get("initial_max_size_for_quota_scope")
+            try:
+                limit = p.non_negative_integer(initial) if initial else None
+            except p.ParamError as exc:
+                raise InvalidAPIParameters.field("options", f"initial_max_size_for_quota_scope: {exc}") from None
+            try:
+                await volume.create_quota_scope(vfid.quota_scope_id, QuotaConfig(limit) if limit else None)
+            except QuotaScopeExists:
+                pass  # created concurrently: fine
+            await volume.create_vfolder(vfid, mode)
+        except FileExistsError:
+            raise VFolderExists(f"the vfolder already exists: {vfid}") from None
+        return self._no_content(request)
+
+    @api_route("/folder/delete", "POST")
+    async def delete_vfolder(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+
+        async def run(progress: Any) -> None:
+            await volume.delete_vfolder(vfid, progress)
+
+        task = self.bgtasks.start("delete-vfolder", run, volume=volume.name, vfid=str(vfid))
+        return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
+
+    @api_route("/folder/clone", "POST")
+    async def clone_vfolder(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("src_volume", p.volume_name), Field("src_vfid", p.vfolder_id),
+            Field("dst_volume", p.nullable(p.volume_name)), Field("dst_vfid", p.vfolder_id),
+            allow_extra=True,
+        )
+        src_vfid, dst_vfid = args["src_vfid"], args["dst_vfid"]
+        volume = self._vfolder(request, args["src_volume"], src_vfid)
+        if args["dst_volume"] is not None and args["dst_volume"] != args["src_volume"]:
+            raise InvalidAPIParameters.field("dst_volume", "cross-volume vfolder cloning is not supported")
+        if src_vfid == dst_vfid:
+            raise InvalidAPIParameters.field("dst_vfid", "must differ from src_vfid")
+        await self._require_vfolder(volume, src_vfid)
+        if await self.pool.run(os.path.lexists, volume.vfolder_path(dst_vfid)):
+            raise VFolderExists(f"the destination vfolder already exists: {dst_vfid}", vfid=str(dst_vfid))
+
+        async def run(progress: Any) -> None:
+            await volume.clone_vfolder(src_vfid, volume, dst_vfid, progress)
+
+        task = self.bgtasks.start(
+            "clone-vfolder", run, volume=volume.name, src_vfid=str(src_vfid), dst_vfid=str(dst_vfid)
+        )
+        return json_body(request, {"bgtask_id": str(task.task_id)})
+
+    @api_route("/folder/mount", "GET")
+    async def get_vfolder_mount(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("subpath", p.string, "."),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        try:
+            path = await volume.get_vfolder_mount(vfid, args["subpath"])
+        except VFolderNotFound:
+            raise MountVFolderNotFound("VFolder not found", vfid=str(vfid)) from None
+        except (InvalidPath, InvalidSubpath):
+            raise InvalidSubpath("Invalid vfolder subpath", vfid=str(vfid), subpath=args["subpath"]) from None
+        return json_body(request, {"path": str(path)})
+
+    @api_route("/folder/metadata", "GET")
+    async def get_metadata(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        volume = self._vfolder(request, args["volume"], args["vfid"])
+        payload = await volume.get_metadata(args["vfid"])
+        text = payload.decode("utf-8", "replace") if payload else None
+        return json_body(request, {"status": "ok", "payload": text})
+
+    @api_route("/folder/metadata", "POST")
+    async def set_metadata(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("payload", p.text_payload),
+        )
+        volume = self._vfolder(request, args["volume"], args["vfid"])
+        await volume.put_metadata(args["vfid"], args["payload"])
+        return json_body(request, {"status": "ok"})
+
+    @api_route("/folder/usage", "GET")
+    async def get_vfolder_usage(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        volume = self._vfolder(request, args["volume"], args["vfid"])
+        usage = await volume.get_usage(args["vfid"])
+        return json_body(request, {"file_count": usage.file_count, "used_bytes": usage.used_bytes})
+
+    @api_route("/folder/used-bytes", "GET")
+    async def get_vfolder_used_bytes(self, request: IRequest) -> bytes:
+        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        volume = self._vfolder(request, args["volume"], args["vfid"])
+        return json_body(request, {"used_bytes": await volume.get_used_bytes(args["vfid"])})
+
+    # -- files ----------------------------------------------------------------
+
+    @api_route("/folder/file/mkdir", "POST")
+    async def mkdir(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+            Field("relpath", p.mkdir_relpaths), Field("parents", p.boolean, True),
+            Field("exist_ok", p.boolean, False),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        relpaths = args["relpath"]
+        waits = [
+            Deferred.fromCoroutine(volume.mkdir(vfid, str(rp), parents=args["parents"], exist_ok=args["exist_ok"]))
+            for rp in relpaths
+        ]
+        outcomes = await DeferredList(waits, consumeErrors=True)
+        success, failed = [], []
+        for rp, (ok, result) in zip(relpaths, outcomes, strict=True):
+            if ok:
+                success.append({"msg": None, "item": str(rp)})
+            else:
+                exc = result.value
+                log.info("mkdir {item!r} in {volume}/{vfid} failed: {exc!r}", item=str(rp),
+                         volume=volume.name, vfid=str(vfid), exc=exc)
+                failed.append({"msg": repr(exc), "item": str(rp)})
+        status = 422 if not success else 207 if failed else 200
+        return json_body(request, {"results": {"success": success, "failed": failed}}, status)
+
+    @api_route("/folder/file/list", "POST")
+    async def list_files(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        entries = await volume.scandir(vfid, str(args["relpath"]), limit=self.config.scandir_limit)
+        items = [
+            {
+                "name": e.name,
+                "type": e.type,
+                "stat": {"mode": e.mode, "size": e.size, "created": _iso(e.created), "modified": _iso(e.modified)},
+                "symlink_target": e.symlink_target,
+            }
+            for e in entries
+        ]
+        return json_body(request, {"items": items})
+
+    @api_route("/folder/file/rename", "POST")
+    async def rename_file(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+            Field("new_name", p.file_name), Field("is_dir", p.boolean, False),
+        )
+        if str(args["relpath"]) == ".":
+            raise InvalidAPIParameters.field("relpath", "cannot rename the vfolder root")
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        await volume.rename(vfid, str(args["relpath"]), args["new_name"])
+        return self._no_content(request)
+
+    @api_route("/folder/file/move", "POST")
+    async def move_file(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+            Field("src_relpath", p.relpath), Field("dst_relpath", p.relpath),
+        )
+        for key in ("src_relpath", "dst_relpath"):
+            if str(args[key]) == ".":
+                raise InvalidAPIParameters.field(key, "cannot be the vfolder root")
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        await volume.move(vfid, str(args["src_relpath"]), str(args["dst_relpath"]))
+        return self._no_content(request)
+
+    @api_route("/folder/file/fetch", "POST")
+    async def fetch_file(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        path = await volume.resolve(vfid, str(args["relpath"]))
+        f = await self.pool.run(_open_for_fetch, path)
+        pacer = _Pacer()
+        try:
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            request.registerProducer(pacer, True)
+            while not pacer.stopped:
+                chunk = await self.pool.run(f.read, FETCH_CHUNK)
+                if not chunk or pacer.stopped:
+                    break
+                request.write(chunk)
+                await pacer.ready()
+        finally:
+            if not pacer.stopped:
+                request.unregisterProducer()
+            # Not awaited: after a disconnect (cancellation) nobody waits for it.
+            self.pool.run(f.close).addErrback(lambda failure: log.failure("closing {path}", failure, path=path))
+        return b""
+
+    @api_route("/folder/file/download", "POST")
+    async def create_download_session(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+            Field("archive", p.boolean, False), Field("unmanaged_path", p.nullable(p.string), None),
+        )
+        self._volume(request, args["volume"])
+        token = tokens.issue_download_token(
+            self.config.secret, self.config.session_expire,
+            volume=args["volume"], vfid=args["vfid"], relpath=str(args["relpath"]),
+        )
+        return json_body(request, {"token": token})
+
+    @api_route("/folder/file/archive-download-token", "POST")
+    async def create_archive_download_session(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("virtual_folder_id", p.vfolder_id),
+            Field("files", lambda v: p.string_list(v, min_items=1)),
+            Field("filename", p.archive_filename, None),
+        )
+        for i, item in enumerate(args["files"]):
+            try:
+                p.relpath(item)
+            except p.ParamError as exc:
+                raise InvalidAPIParameters.field("files", f"item {i}: {exc}") from None
+        self._volume(request, args["volume"])
+        token = tokens.issue_archive_token(
+            self.config.secret, self.config.session_expire, volume=args["volume"],
+            vfid=args["virtual_folder_id"], files=args["files"], filename=args["filename"],
+        )
+        return json_body(request, {"token": token})
+
+    @api_route("/folder/file/upload", "POST")
+    async def create_upload_session(self, request: IRequest) -> bytes:
+        from storage.uploads import prepare_upload
+
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+            Field("size", p.non_negative_integer),
+        )
+        vfid, relpath = args["vfid"], str(args["relpath"])
+        if relpath == ".":
+            raise InvalidAPIParameters.field("relpath", "must name a file, not the vfolder root")
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        session = await prepare_upload(
+            volume, vfid, relpath, args["size"],
+            max_size=self.config.max_upload_size, expire=self.config.upload_expire,
+        )
+        token = tokens.issue_upload_token(
+            self.config.secret, self.config.session_expire,
+            volume=args["volume"], vfid=vfid, relpath=relpath, size=args["size"], session=session,
+        )
+        return json_body(request, {"token": token})
+
+    @api_route("/folder/file/delete", "POST")
+    async def delete_files(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+            Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        await volume.delete_files(vfid, [str(r) for r in args["relpaths"]], recursive=args["recursive"])
+        return json_body(request, {"status": "ok"})
+
+    @api_route("/folder/file/delete-async", "POST")
+    async def delete_files_async(self, request: IRequest) -> bytes:
+        args = self._params(
+            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+            Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
+        )
+        vfid = args["vfid"]
+        volume = self._vfolder(request, args["volume"], vfid)
+        await self._require_vfolder(volume, vfid)
+        relpaths = [str(r) for r in args["relpaths"]]
+
+        async def run(progress: Any) -> None:
+            await volume.delete_files(vfid, relpaths, recursive=args["recursive"], progress=progress)
+
+        task = self.bgtasks.start("delete-files", run, volume=volume.name, vfid=str(vfid))
+        return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
+
+    # -- background tasks (ours; upstream reports them on its event bus) ----
+
+    def _task(self, task_id: str) -> Any:
+        try:
+            tid = p.task_id(task_id)
+        except p.ParamError as exc:
+            raise InvalidAPIParameters.field("task_id", str(exc)) from None
+        task = self.bgtasks.get(tid)
+        if task is None:
+            raise NotFound(f"no such background task: {tid}", data={"task_id": "unknown task"})
+        return tid, task
+
+    @api_route("/bgtask/<task_id>", "GET", name="/bgtask/<task_id>")
+    async def get_bgtask(self, request: IRequest, task_id: str) -> bytes:
+        _, task = self._task(task_id)
+        return json_body(request, task.as_json())
+
+    @api_route("/bgtask/<task_id>/cancel", "POST", name="/bgtask/<task_id>/cancel")
+    async def cancel_bgtask(self, request: IRequest, task_id: str) -> bytes:
+        tid, _ = self._task(task_id)
+        task = self.bgtasks.cancel(tid)
+        return json_body(request, task.as_json(), 202 if task.status == "running" else 200)
+

@@ -1,0 +1,102 @@
+"""Prometheus metrics of the manager API (``GET /metrics``).
+
+Each ``ManagerAPI`` owns a ``CollectorRegistry`` (so several can live in one
+test process): request counts and latencies by route, method and status,
+request/response bytes by route, background tasks by name and status, the
+volumes' filesystem usage (refreshed in the pool when ``/metrics`` is read),
+and the standard process metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from twisted.web.iweb import IRequest
+
+PREFIX = "storage_proxy"
+
+
+class _BackgroundTaskCollector(Collector):
+    """Reads the task table at scrape time; nothing to keep in sync."""
+
+    def __init__(self, bgtasks: Any) -> None:
+        self.bgtasks = bgtasks
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            f"{PREFIX}_bgtasks", "Background tasks known to this proxy, by name and status",
+            labels=["name", "status"],
+        )
+        tally: Tally[tuple[str, str]] = Tally()
+        for task in list(getattr(self.bgtasks, "_tasks", {}).values()):
+            tally[(task.name, task.status)] += 1
+        for (name, status), count in sorted(tally.items()):
+            family.add_metric([name, status], count)
+        yield family
+
+
+class ManagerMetrics:
+    def __init__(self, bgtasks: Any = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_manager_requests", "Manager API requests answered",
+            ["route", "method", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_manager_request_duration_seconds", "Manager API request latency",
+            ["route", "method"], registry=r,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.bytes_in = Counter(
+            f"{PREFIX}_manager_request_bytes", "Manager API request body bytes", ["route"], registry=r,
+        )
+        self.bytes_out = Counter(
+            f"{PREFIX}_manager_response_bytes", "Manager API response body bytes", ["route"], registry=r,
+        )
+        self.fs_capacity = Gauge(
+            f"{PREFIX}_volume_capacity_bytes", "Capacity of the filesystem holding each volume",
+            ["volume"], registry=r,
+        )
+        self.fs_used = Gauge(
+            f"{PREFIX}_volume_used_bytes", "Used bytes of the filesystem holding each volume",
+            ["volume"], registry=r,
+        )
+        if bgtasks is not None:
+            r.register(_BackgroundTaskCollector(bgtasks))
+        try:
+            ProcessCollector(registry=r)
+        except Exception:  # pragma: no cover - platforms without /proc
+            pass
+
+    def track(self, request: IRequest, route: str) -> None:
+        """Record ``request`` once its response is finished (or the client left)."""
+        start = time.monotonic()
+        method = request.method.decode("ascii", "replace")
+        length = request.getHeader(b"content-length")
+        try:
+            self.bytes_in.labels(route).inc(int(length or 0))
+        except ValueError:
+            pass
+
+        def done(_: Any) -> None:
+            status = str(getattr(request, "code", 0) or 0)
+            self.requests.labels(route, method, status).inc()
+            self.latency.labels(route, method).observe(time.monotonic() - start)
+            self.bytes_out.labels(route).inc(getattr(request, "sentLength", 0) or 0)
+
+        request.notifyFinish().addBoth(done)
+
+    def set_fs_usage(self, volume: str, capacity_bytes: int, used_bytes: int) -> None:
+        self.fs_capacity.labels(volume).set(capacity_bytes)
+        self.fs_used.labels(volume).set(used_bytes)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
