@@ -1,23 +1,40 @@
 """The byte-moving hot path: ``storage._fastio`` when compiled, else the fallback.
 
 ``NATIVE`` tells which one runs.  ``STORAGE_PROXY_PURE_PYTHON=1`` forces the
-fallback (tests run both).  Every function blocks: call them from the pool.
+fallback (tests run both).  Both raise ``OSError(errno, ...)``; a loop that
+fails part-way puts the bytes it moved before the failure in ``exc.written``.
+Every function blocks: call them from the pool.
 """
 
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
-NATIVE = False
-if os.environ.get("STORAGE_PROXY_PURE_PYTHON") != "1":
-    try:
-        from storage._fastio import copy_file_range, copy_range, pwrite_all, sendfile  # type: ignore[import-not-found]
+IMPLEMENTATIONS = ("copy_file_range", "copy_range", "fadvise", "fallocate", "fdatasync", "pwrite_all", "sendfile")
 
-        NATIVE = True
-    except ImportError:
-        pass
 
-if not NATIVE:
-    from storage._fastio_py import copy_file_range, copy_range, pwrite_all, sendfile
+def _load() -> tuple[ModuleType, bool]:
+    if os.environ.get("STORAGE_PROXY_PURE_PYTHON") != "1":
+        try:
+            from storage import _fastio  # type: ignore[attr-defined]
 
-__all__ = ["NATIVE", "copy_file_range", "copy_range", "pwrite_all", "sendfile"]
+            return _fastio, True
+        except ImportError:
+            pass
+    from storage import _fastio_py
+
+    return _fastio_py, False
+
+
+implementation, NATIVE = _load()
+
+copy_file_range = implementation.copy_file_range
+copy_range = implementation.copy_range
+fadvise = implementation.fadvise
+fallocate = implementation.fallocate
+fdatasync = implementation.fdatasync
+pwrite_all = implementation.pwrite_all
+sendfile = implementation.sendfile
+
+__all__ = ["NATIVE", "implementation", *IMPLEMENTATIONS]
