@@ -12,7 +12,6 @@ copy like ``cp -rp``.  Each call is appended to ``$FAKE_RAPIDFILE_LOG``;
 
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path

@@ -9,7 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
 
-from backends.purestorage.purity import PurityClient, PurityError, PurityUnauthorized, _error_messages
+from backends.purestorage.purity import (
+    PurityClient,
+    PurityError,
+    PurityUnauthorized,
+    _error_messages,
+)
 
 
 def client_for(fb, **kw) -> PurityClient:
@@ -195,5 +200,5 @@ def test_error_messages_keep_every_message(errors):
 
     messages = _error_messages(json.dumps({"errors": errors}).encode())
     assert len(messages) == len(errors)
-    for item, message in zip(errors, messages):
+    for item, message in zip(errors, messages, strict=True):
         assert message.startswith(item["message"])
