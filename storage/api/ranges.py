@@ -24,7 +24,7 @@ from email.utils import parsedate_to_datetime
 MAX_HEADER_LENGTH = 4096
 MAX_RANGES = 64
 _MAX_DIGITS = 20  # more than any file size; a longer number makes the header invalid
-_SPEC_RE = re.compile(r"^([0-9]*)-([0-9]*)$")
+_SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)\Z")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_parse_valid(header, expected):
         None, "", "bytes", "bytes=", "bytes=,", "bytes=-", "bytes=5-3", "bytes=a-b", "bytes=1-2-3",
         "items=0-1", "bytes=0x1-2", "bytes=+1-2", "bytes= 1 -2", "bytes=1.5-2",
         "bytes=" + "9" * 40 + "-", "bytes=" + ",".join(["0-1"] * 100), "bytes=0-1" + " " * 5000,
-        "bytes=\u0661-2",
+        "bytes=\u0661-2", "bytes=0-1\n",
     ],
 )
 def test_parse_invalid_is_ignored(header):
