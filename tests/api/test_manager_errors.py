@@ -1,0 +1,208 @@
+"""Manager API: auth, bad input and error shapes (socket-free, StubTreq)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.manager import StubManager, stub_manager_fixture
+from twisted.logger import globalLogPublisher
+
+PROBLEM = "application/problem+json"
+BASE = "https://api.backend.ai/probs/storage/"
+
+@pytest.fixture
+def manager(tmp_path) -> Iterator[StubManager]:
+    yield from stub_manager_fixture(tmp_path)
+
+
+# Every authenticated route with a minimal body (what goes first is the auth check).
+AUTHED_ROUTES = [
+    ("GET", "/volumes"), ("GET", "/volume/hwinfo"), ("POST", "/quota-scope"), ("GET", "/quota-scope"),
+    ("PATCH", "/quota-scope"), ("DELETE", "/quota-scope/quota"), ("POST", "/folder/create"),
+    ("POST", "/folder/delete"), ("POST", "/folder/clone"), ("GET", "/folder/mount"),
+    ("GET", "/volume/performance-metric"), ("GET", "/folder/metadata"), ("POST", "/folder/metadata"),
+    ("GET", "/volume/quota"), ("PATCH", "/volume/quota"), ("GET", "/folder/usage"),
+    ("GET", "/folder/used-bytes"), ("GET", "/folder/fs-usage"), ("POST", "/folder/file/mkdir"),
+    ("POST", "/folder/file/list"), ("POST", "/folder/file/rename"), ("POST", "/folder/file/move"),
+    ("POST", "/folder/file/fetch"), ("POST", "/folder/file/download"),
+    ("POST", "/folder/file/archive-download-token"), ("POST", "/folder/file/upload"),
+    ("POST", "/folder/file/delete"), ("POST", "/folder/file/delete-async"),
+    ("GET", f"/bgtask/{uuid.uuid4()}"), ("POST", f"/bgtask/{uuid.uuid4()}/cancel"),
+]
+
+
+@pytest.mark.parametrize("method,path", AUTHED_ROUTES)
+@pytest_twisted.ensureDeferred
+async def test_missing_token_is_upstreams_403(manager: StubManager, method: str, path: str) -> None:
+    r = await manager.request(method, path, {"volume": "local"}, auth=False)
+    assert r.code == 403
+    assert r.content_type == PROBLEM
+    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (missing auth token)"}
+
+
+@pytest.mark.parametrize("method,path", AUTHED_ROUTES)
+@pytest_twisted.ensureDeferred
+async def test_wrong_token_is_upstreams_403(manager: StubManager, method: str, path: str) -> None:
+    r = await manager.request(method, path, {"volume": "local"}, auth="not-the-secret")
+    assert r.code == 403
+    assert r.content_type == PROBLEM
+    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (invalid auth token)"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_prefix_or_extension_is_refused(manager: StubManager) -> None:
+    for token in (manager.manager_secret[:-1], manager.manager_secret + "x", "x" + manager.manager_secret):
+        r = await manager.request("GET", "/volumes", auth=token)
+        assert r.code == 403, token
+
+
+@pytest.mark.parametrize("path", ["/", "/status", "/health", "/livez", "/readyz", "/metrics"])
+@pytest_twisted.ensureDeferred
+async def test_unauthenticated_routes(manager: StubManager, path: str) -> None:
+    r = await manager.request("GET", path, auth=False)
+    assert r.code == 200
+    assert "html" not in (r.content_type or "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_refuses_a_body_as_upstream(manager: StubManager) -> None:
+    r = await manager.request("GET", "/status", {"x": 1}, auth=False)
+    assert r.code == 400
+    assert r.json() == {"type": BASE + "malformed-request",
+                        "title": "Malformed request (request body should be empty)"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_json_names_the_body(manager: StubManager) -> None:
+    r = await manager.request("GET", "/folder/fs-usage", raw=b'{"volume": "local"')
+    assert r.code == 400
+    assert r.content_type == PROBLEM
+    body = r.json()
+    assert body["type"] == BASE + "invalid-api-params"
+    assert body["title"] == "Invalid API parameters"
+    assert "body" in body["data"]
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"local"', b"3", b"null", b"\xff\xfe", b"NaN", b"[" * 100000])
+@pytest_twisted.ensureDeferred
+async def test_non_object_bodies_are_400(manager: StubManager, raw: bytes) -> None:
+    r = await manager.request("GET", "/folder/fs-usage", raw=raw)
+    assert r.code == 400
+    assert r.content_type == PROBLEM
+    data = r.json()["data"]
+    assert "body" in data or "volume" in data  # null body means: volume is missing
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_and_wrong_typed_params_are_named(manager: StubManager) -> None:
+    r = await manager.request("POST", "/folder/file/mkdir", {"volume": 3, "vfid": "nope", "parents": "maybe"})
+    assert r.code == 400
+    data = r.json()["data"]
+    assert set(data) == {"volume", "vfid", "relpath", "parents"}
+    assert data["relpath"] == "is required"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_keys_are_refused_as_upstream(manager: StubManager) -> None:
+    r = await manager.request("GET", "/folder/fs-usage", {"volume": "local", "colour": "blue"})
+    assert r.code == 400
+    assert r.json()["data"] == {"colour": "colour is not allowed key"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_volume_is_volume_invalid(manager: StubManager) -> None:
+    r = await manager.request("GET", "/folder/fs-usage", {"volume": "nowhere"})
+    assert r.code == 400
+    assert r.content_type == PROBLEM
+    assert r.json()["type"] == BASE + "volume/invalid"
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_413(tmp_path) -> None:
+    small = StubManager(tmp_path, extra_config={"storage-proxy": {"max-manager-body-size": 1024}})
+    try:
+        r = await small.request("POST", "/folder/file/delete",
+                                  {"volume": "local", "vfid": str(uuid.uuid4()), "relpaths": ["x" * 2000]})
+        assert r.code == 413
+        assert r.content_type == PROBLEM
+        assert r.json()["type"] == BASE + "request-too-large"
+    finally:
+        small.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "PATCH"])
+@pytest_twisted.ensureDeferred
+async def test_volume_quota_is_deprecated(manager: StubManager, method: str) -> None:
+    body = {"volume": "local"} if method == "GET" else {"volume": "local", "size_bytes": "1g"}
+    r = await manager.request(method, "/volume/quota", body)
+    assert r.code == 400
+    assert r.content_type == PROBLEM
+    assert "deprecated API" in r.json()["msg"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_route_and_method_are_problem_json(manager: StubManager) -> None:
+    r = await manager.request("GET", "/no/such/route")
+    assert (r.code, r.content_type) == (404, PROBLEM)
+    r = await manager.request("PUT", "/volumes")
+    assert (r.code, r.content_type) == (405, PROBLEM)
+
+
+@pytest_twisted.ensureDeferred
+async def test_unexpected_failure_is_json_500_not_html(manager: StubManager, monkeypatch) -> None:
+    volume = manager.volume()
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(volume, "get_fs_usage", broken)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        r = await manager.request("GET", "/folder/fs-usage", {"volume": "local"})
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert r.code == 500
+    assert r.content_type == PROBLEM
+    assert "boom" not in r.body.decode()  # logged, not leaked
+    logged = [e for e in events if e.get("log_failure") is not None]
+    assert logged and logged[0]["volume"] == "local" and logged[0]["path"] == "/folder/fs-usage"
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_bgtask_is_404_and_bad_id_is_400(manager: StubManager) -> None:
+    r = await manager.request("GET", f"/bgtask/{uuid.uuid4()}")
+    assert (r.code, r.content_type) == (404, PROBLEM)
+    r = await manager.request("GET", "/bgtask/not-a-uuid")
+    assert r.code == 400
+    assert "task_id" in r.json()["data"]
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["volume", "vfid", "relpath", "relpaths", "qsid", "options", "mode", "size", "parents",
+                         "new_name", "src_relpath", "dst_relpath", "files", "filename", "payload", "subpath"])
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(route=st.sampled_from(AUTHED_ROUTES),
+       body=st.one_of(_json_values, st.dictionaries(_keys, _json_values, max_size=6)))
+@pytest_twisted.ensureDeferred
+async def test_no_response_is_ever_html_or_a_500(manager: StubManager, route, body) -> None:
+    method, path = route
+    if path.startswith("/folder/delete") or path.endswith("delete-async") or path.startswith("/folder/clone"):
+        body = {k: v for k, v in body.items() if k != "vfid"} if isinstance(body, dict) else body
+    r = await manager.request(method, path, raw=json.dumps(body).encode())
+    assert "html" not in (r.content_type or ""), r.body[:200]
+    assert r.code < 500, (method, path, body, r.body[:300])
+    if r.code >= 400:
+        assert r.content_type == PROBLEM
