@@ -47,6 +47,7 @@ NETWORK_ERRORS: tuple[type[BaseException], ...] = (
     _newclient.RequestTransmissionFailed,
     _newclient.ResponseNeverReceived,
     _newclient.RequestNotSent,
+    _newclient.RequestGenerationFailed,
     ConnectionError,
 )
 
