@@ -29,7 +29,7 @@ def test_chunks_tile_the_rest_exactly(size, data, chunk):
         assert ranges == []
         return
     assert ranges[0][0] == offset and ranges[-1][1] == size
-    for (a_start, a_end), (b_start, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, a_end), (b_start, _) in zip(ranges, ranges[1:], strict=False):
         assert a_end == b_start
     for start, end in ranges:
         assert start < end
