@@ -119,6 +119,8 @@ class ManagerClient:
         self.secret = secret
         self.treq = treq
         self.reactor = reactor
+        # The last response, for callers (tests) that check headers too.
+        self.last_response: Any = None
 
     # -- plumbing -------------------------------------------------------------
 
@@ -128,7 +130,9 @@ class ManagerClient:
         if body is not None:
             kwargs["data"] = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
-        return await self.treq.request(method, self.base_url + path, **kwargs)
+        response = await self.treq.request(method, self.base_url + path, **kwargs)
+        self.last_response = response
+        return response
 
     async def _error(self, response: Any, method: str, path: str) -> ManagerAPIError:
         raw = await content(response)

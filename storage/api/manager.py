@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno as errno_codes
 import functools
+import json
 import os
 import stat as stat_module
 from collections.abc import Callable
@@ -78,6 +79,19 @@ def _now_iso() -> str:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
+
+
+def _encode_listing(entries: list[Any]) -> bytes:
+    items = [
+        {
+            "name": e.name,
+            "type": e.type,
+            "stat": {"mode": e.mode, "size": e.size, "created": _iso(e.created), "modified": _iso(e.modified)},
+            "symlink_target": e.symlink_target,
+        }
+        for e in entries
+    ]
+    return json.dumps({"items": items}).encode("utf-8")
 
 
 # -- turning backend failures into API errors --------------------------------------
@@ -546,16 +560,10 @@ class ManagerAPI:
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
         entries = await volume.scandir(vfid, str(args["relpath"]), limit=self.config.scandir_limit)
-        items = [
-            {
-                "name": e.name,
-                "type": e.type,
-                "stat": {"mode": e.mode, "size": e.size, "created": _iso(e.created), "modified": _iso(e.modified)},
-                "symlink_target": e.symlink_target,
-            }
-            for e in entries
-        ]
-        return json_body(request, {"items": items})
+        # A listing can be scandir-limit entries long: encode it off the reactor.
+        data = await self.pool.run(_encode_listing, entries)
+        request.setHeader(b"Content-Type", b"application/json")
+        return data
 
     @api_route("/folder/file/rename", "POST")
     async def rename_file(self, request: IRequest) -> bytes:
