@@ -197,6 +197,7 @@ def create_upload(
     expire: float = DEFAULT_EXPIRE,
     kind: str = NORMAL,
     parts: Sequence[str] = (),
+    extra: dict[str, Any] | None = None,
     now: float | None = None,
 ) -> UploadState:
     """Create the empty staging file and its state (blocking)."""
@@ -212,7 +213,7 @@ def create_upload(
         os.close(fd)
         state = UploadState(
             session=session, relpath=relpath, length=length, offset=0,
-            created=now, expires=now + expire, kind=kind, parts=tuple(parts),
+            created=now, expires=now + expire, kind=kind, parts=tuple(parts), extra=dict(extra or {}),
         )
         write_state(vfolder, state, sync_dir=True)
     except OSError as exc:
@@ -273,9 +274,9 @@ class UploadWriter:
         try:
             n = fastio.pwrite_all(self.fd, buffers, self.offset)
         except OSError as exc:
+            # Count what did reach the file: pwrite_all reports the prefix it wrote.
+            self.offset += int(getattr(exc, "written", 0) or 0)
             if _disk_full(exc):
-                # Count what did reach the file: pwrite_all may have written a prefix.
-                self.offset = max(self.offset, min(os.fstat(self.fd).st_size, self.offset + total))
                 raise InsufficientStorage(f"the upload does not fit: {exc.strerror}") from None
             raise
         self.offset += n
@@ -284,10 +285,16 @@ class UploadWriter:
     def commit(self, offset: int | None = None) -> UploadState:
         """Make the bytes up to ``offset`` durable and record that offset."""
         offset = self.offset if offset is None else offset
-        os.fdatasync(self.fd)
-        if offset != self.state.offset:
-            self.state = replace(self.state, offset=offset)
-            write_state(self.vfolder, self.state)
+        try:
+            fastio.fdatasync(self.fd)
+            if offset != self.state.offset:
+                new = replace(self.state, offset=offset)
+                write_state(self.vfolder, new)
+                self.state = new
+        except OSError as exc:
+            if _disk_full(exc):
+                raise InsufficientStorage(f"cannot record the upload's progress: {exc.strerror}") from None
+            raise
         return self.state
 
     def rollback(self) -> UploadState:

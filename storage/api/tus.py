@@ -1,11 +1,240 @@
-"""tus 1.0 uploads at ``/upload`` (placeholder: being written)."""
+"""tus 1.0.0 resumable uploads at ``/upload?token=…``.
+
+The upload JWT (issued by the manager API's ``POST /folder/file/upload``,
+which also prepares the upload with ``storage.uploads.prepare_upload``)
+names the volume, vfolder, relpath, size and session.  Extensions offered:
+``creation``, ``termination``, ``checksum``, ``expiration`` and
+``concatenation`` (partial uploads at ``/upload/<id>?token=…`` under the
+same token).
+
+PATCH bodies never reach twisted.web's buffering: ``stream_patch`` is the
+site's body handler.  Once a PATCH's headers are in it checks them and the
+token on the reactor, then locks the upload and checks the offset in the
+pool while the socket stays paused; the body then streams into the staging
+file through an ``UploadSink``.  The Klein route only waits for the outcome
+and answers.  See docs/uploads.md.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import errno
+import hashlib
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
-from storage.errors import UnsupportedOperation
-from storage.web.site import StorageSite
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from storage import fastio
+from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
+from storage.janitor import UploadJanitor
+from storage.paths import validate_relpath
+from storage.tokens import UploadToken, verify_upload_token
+from storage.uploads import (
+    FINAL,
+    NORMAL,
+    PARTIAL,
+    OffsetMismatch,
+    UploadBusy,
+    UploadCompleted,
+    UploadNotFound,
+    UploadState,
+    UploadWriter,
+    complete_upload,
+    create_upload,
+    is_session_id,
+    new_session_id,
+    open_writer,
+    read_state,
+    remove_upload,
+    staging_path,
+    upload_status,
+    write_state,
+)
+from storage.web.site import UPLOAD_READ_SIZE, StorageSite
+from storage.web.streaming import StreamingRequest, UploadSink
+
+log = Logger()
+
+TUS_VERSION = "1.0.0"
+EXTENSIONS = ("creation", "termination", "checksum", "expiration", "concatenation")
+CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
+OFFSET_OCTET_STREAM = b"application/offset+octet-stream"
+TUS_HEADERS = (
+    "Tus-Resumable, Tus-Version, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, "
+    "Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
+    "Upload-Expires, Upload-Defer-Length, Location"
+)
+ALLOW_HEADERS = TUS_HEADERS + ", Content-Type, X-HTTP-Method-Override, X-Requested-With"
+ALLOW_METHODS = "OPTIONS, HEAD, PATCH, POST, DELETE"
+
+
+# -- errors with tus meaning ------------------------------------------------------
+
+
+class TusError(StorageError):
+    headers: dict[str, str] = {}
+
+
+class UnsupportedVersion(TusError):
+    status = 412
+    problem = "tus-unsupported-version"
+    title = "Tus-Resumable is missing or names a version this server does not speak"
+    headers = {"Tus-Version": TUS_VERSION}
+
+
+class WrongContentType(TusError):
+    status = 415
+    problem = "tus-unsupported-media-type"
+    title = "A PATCH body must be application/offset+octet-stream"
+
+
+class ChecksumMismatch(TusError):
+    status = 460
+    problem = "tus-checksum-mismatch"
+    title = "Checksum Mismatch"
+
+
+class UnknownChecksum(TusError):
+    status = 400
+    problem = "tus-checksum-algorithm-unsupported"
+    title = "Unsupported checksum algorithm"
+
+
+class UploadTooLong(TusError):
+    status = 413
+    problem = "tus-upload-length-exceeded"
+    title = "The body goes past Upload-Length"
+
+
+class ConcatForbidden(TusError):
+    status = 403
+    problem = "tus-concat-final-patch"
+    title = "A final upload cannot be patched"
+
+
+class MethodNotAllowed(TusError):
+    status = 405
+    problem = "method-not-allowed"
+    title = "Method Not Allowed"
+    headers = {"Allow": ALLOW_METHODS}
+
+
+# -- request parsing (pure, on the reactor) --------------------------------------------
+
+
+def query(request: Any) -> dict[bytes, list[bytes]]:
+    """The query arguments; works before twisted.web parses them (in ``gotLength``)."""
+    _, _, qs = request.uri.partition(b"?")
+    return parse_qs(qs, keep_blank_values=True)
+
+
+def query_arg(request: Any, name: bytes) -> str | None:
+    values = query(request).get(name)
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidAPIParameters.field(name.decode(), "not valid UTF-8") from None
+
+
+def header(request: Any, name: bytes) -> str | None:
+    value = request.requestHeaders.getRawHeaders(name)
+    if not value:
+        return None
+    return value[0].decode("latin-1").strip()
+
+
+def effective_method(request: Any) -> bytes:
+    override = request.requestHeaders.getRawHeaders(b"X-HTTP-Method-Override")
+    if override:
+        return override[0].strip().upper()
+    return request.method.upper()
+
+
+def upload_rest(path: bytes) -> str | None:
+    """``""`` for ``/upload``, the id for ``/upload/<id>``, None for other paths."""
+    if path in (b"/upload", b"/upload/"):
+        return ""
+    if path.startswith(b"/upload/"):
+        return path[len(b"/upload/"):].decode("latin-1").strip("/")
+    return None
+
+
+def parse_offset(value: str | None, name: str = "Upload-Offset") -> int:
+    if value is None:
+        raise InvalidAPIParameters.field(name, "required")
+    if not value.isdigit() or len(value) > 19:
+        raise InvalidAPIParameters.field(name, f"expected a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def parse_checksum(value: str | None) -> tuple[str, bytes] | None:
+    """``Upload-Checksum: <algorithm> <base64 digest>``."""
+    if value is None:
+        return None
+    algorithm, _, encoded = value.partition(" ")
+    algorithm = algorithm.strip().lower()
+    if algorithm not in CHECKSUMS:
+        raise UnknownChecksum(f"supported: {', '.join(sorted(CHECKSUMS))}; got {algorithm!r}")
+    try:
+        digest = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidAPIParameters.field("Upload-Checksum", "the digest is not base64") from None
+    if len(digest) != CHECKSUMS[algorithm]().digest_size:
+        raise InvalidAPIParameters.field("Upload-Checksum", f"not a {algorithm} digest")
+    return algorithm, digest
+
+
+def parse_concat_final(value: str) -> list[str]:
+    """The partial upload ids named by ``Upload-Concat: final;<url> <url>``."""
+    urls = value[len("final;"):].split()
+    if not urls:
+        raise InvalidAPIParameters.field("Upload-Concat", "final needs the partial upload URLs")
+    ids = []
+    for url in urls:
+        rest = upload_rest(urlsplit(url).path.encode("latin-1", "replace").rstrip(b"/"))
+        if not rest:
+            # A path prefix added by a reverse proxy: take the last segment.
+            rest = urlsplit(url).path.rstrip("/").rpartition("/")[2]
+        if not is_session_id(rest):
+            raise InvalidAPIParameters.field("Upload-Concat", f"not a partial upload URL of this server: {url!r}")
+        ids.append(rest)
+    return ids
+
+
+def check_tus_resumable(request: Any) -> None:
+    if header(request, b"Tus-Resumable") != TUS_VERSION:
+        raise UnsupportedVersion(f"send Tus-Resumable: {TUS_VERSION}")
+
+
+# -- the upload a request addresses --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadRef:
+    token: UploadToken
+    raw_token: str
+    vfolder: Path
+    session: str  # the token's session, or a partial upload's id
+    partial: bool
+    dst_dir: str | None
+
+    def location(self, session: str | None = None) -> str:
+        """A URL reference, relative to ``/upload``, that names an upload under this token."""
+        path = f"upload/{session}" if session else "upload"
+        url = f"{path}?token={self.raw_token}"
+        if self.dst_dir:
+            url += "&dst_dir=" + quote(self.dst_dir, safe="")
+        return url
 
 
 class TusUploads:
@@ -14,12 +243,425 @@ class TusUploads:
         self.volumes = volumes
         self.pool = pool
         self.reactor = reactor
+        self.site: StorageSite | None = None
+        self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
 
     def services(self) -> list[Any]:
-        return []
+        return [self.janitor]
 
     def make_site(self, resource: Any) -> StorageSite:
-        return StorageSite(resource)
+        self.site = StorageSite(resource, body_handler=self.stream_patch)
+        return self.site
+
+    # -- shared pieces ---------------------------------------------------------------
+
+    def resolve(self, request: Any, rest: str) -> UploadRef:
+        raw = query_arg(request, b"token")
+        token = verify_upload_token(raw, self.config.secret)
+        dst_dir = query_arg(request, b"dst_dir")
+        if dst_dir:
+            validate_relpath(dst_dir, "dst_dir")
+        volume = self.volumes.get(token.volume)
+        vfolder = Path(volume.vfolder_path(token.vfid))
+        if rest:
+            if not is_session_id(rest):
+                raise UploadNotFound(f"no such upload: {rest!r}")
+            return UploadRef(token, raw or "", vfolder, rest, True, dst_dir)
+        return UploadRef(token, raw or "", vfolder, token.session, False, dst_dir)
+
+    def common_headers(self, request: Any) -> None:
+        request.defaultContentType = None  # tus answers have no body
+        request.setHeader(b"Tus-Resumable", TUS_VERSION.encode())
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Access-Control-Expose-Headers", TUS_HEADERS.encode())
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+
+    def error_headers(self, error: StorageError) -> dict[bytes, bytes]:
+        headers = {
+            b"Tus-Resumable": TUS_VERSION.encode(),
+            b"Access-Control-Allow-Origin": b"*",
+            b"Access-Control-Expose-Headers": TUS_HEADERS.encode(),
+        }
+        for name, value in getattr(error, "headers", {}).items():
+            headers[name.encode()] = value.encode()
+        if isinstance(error, OffsetMismatch):
+            headers[b"Upload-Offset"] = str(error.current).encode()
+        return headers
+
+    def state_headers(self, request: Any, ref: UploadRef, state: UploadState) -> None:
+        offset = state.length if state.completed else state.offset
+        request.setHeader(b"Upload-Offset", str(offset).encode())
+        request.setHeader(b"Upload-Length", str(state.length).encode())
+        request.setHeader(b"Upload-Expires", http_date(min(state.expires, ref.token.exp)).encode())
+        if state.kind == PARTIAL:
+            request.setHeader(b"Upload-Concat", b"partial")
+        elif state.kind == FINAL:
+            urls = " ".join(ref.location(p) for p in state.parts)
+            request.setHeader(b"Upload-Concat", f"final;{urls}".encode())
+
+    def check_owner(self, ref: UploadRef, state: UploadState) -> UploadState:
+        """A partial upload belongs to the token that created it; expired ones are gone."""
+        if ref.partial and (state.kind != PARTIAL or state.extra.get("owner") != ref.token.session):
+            raise UploadNotFound()
+        if state.expires < time.time() and not state.completed:
+            raise UploadNotFound("the upload has expired")
+        return state
+
+    # -- the route ------------------------------------------------------------------
 
     async def handle(self, request: Any, rest: str) -> bytes:
-        raise UnsupportedOperation("uploads are not implemented yet")
+        self.common_headers(request)
+        try:
+            return await self._dispatch(request, rest)
+        except StorageError as exc:
+            for name, value in self.error_headers(exc).items():
+                request.setHeader(name, value)
+            raise
+
+    async def _dispatch(self, request: Any, rest: str) -> bytes:
+        method = effective_method(request)
+        if method == b"OPTIONS":
+            return self.options(request)
+        if method == b"PATCH":
+            return await self.patch(request)
+        check_tus_resumable(request)
+        ref = self.resolve(request, rest)
+        if method == b"HEAD":
+            return await self.head(request, ref)
+        if method == b"DELETE":
+            return await self.terminate(request, ref)
+        if method == b"POST":
+            return await self.create(request, ref)
+        raise MethodNotAllowed(f"{method.decode('latin-1')} is not a tus method")
+
+    def options(self, request: Any) -> bytes:
+        request.setHeader(b"Tus-Version", TUS_VERSION.encode())
+        request.setHeader(b"Tus-Max-Size", str(self.config.max_upload_size).encode())
+        request.setHeader(b"Tus-Extension", ",".join(EXTENSIONS).encode())
+        request.setHeader(b"Tus-Checksum-Algorithm", ",".join(sorted(CHECKSUMS)).encode())
+        request.setHeader(b"Access-Control-Allow-Methods", ALLOW_METHODS.encode())
+        request.setHeader(b"Access-Control-Allow-Headers", ALLOW_HEADERS.encode())
+        request.setHeader(b"Access-Control-Max-Age", b"86400")
+        request.setResponseCode(204)
+        return b""
+
+    async def head(self, request: Any, ref: UploadRef) -> bytes:
+        state = self.check_owner(ref, await self.pool.run(upload_status, ref.vfolder, ref.session))
+        request.setHeader(b"Cache-Control", b"no-store")
+        self.state_headers(request, ref, state)
+        request.setResponseCode(200)
+        return b""
+
+    async def terminate(self, request: Any, ref: UploadRef) -> bytes:
+        state = await self.pool.run(read_state, ref.vfolder, ref.session)
+        if state is None:
+            raise UploadNotFound()
+        self.check_owner(ref, state)
+        if not await self.pool.run(remove_upload, ref.vfolder, ref.session):
+            raise UploadNotFound()
+        request.setResponseCode(204)
+        return b""
+
+    async def create(self, request: Any, ref: UploadRef) -> bytes:
+        """POST: creation (of the token's upload), or concatenation (partial / final)."""
+        if ref.partial:
+            raise MethodNotAllowed("create uploads at /upload")
+        concat = header(request, b"Upload-Concat")
+        if header(request, b"Upload-Defer-Length") is not None:
+            raise InvalidAPIParameters.field("Upload-Defer-Length", "not supported: send Upload-Length")
+        if concat is not None and concat.startswith("final;"):
+            return await self.concatenate(request, ref, parse_concat_final(concat))
+        length = parse_offset(header(request, b"Upload-Length"), "Upload-Length")
+        if length > self.config.max_upload_size:
+            raise RequestTooLarge(f"Upload-Length is over Tus-Max-Size ({self.config.max_upload_size})")
+        metadata = header(request, b"Upload-Metadata")
+        if concat == "partial":
+            if length > ref.token.size:
+                raise InvalidAPIParameters.field("Upload-Length", "a part cannot be longer than the upload")
+            session = new_session_id()
+            state = await self.pool.run(
+                create_upload, ref.vfolder, session, ref.token.relpath, length,
+                expire=self.expire_seconds(), kind=PARTIAL,
+                extra={"owner": ref.token.session, "metadata": metadata},
+            )
+            location = ref.location(session)
+        elif concat is None:
+            if length != ref.token.size:
+                raise InvalidAPIParameters.field("Upload-Length", f"must be the token's size, {ref.token.size}")
+            state = await self.pool.run(self._create_main, ref, length, metadata)
+            location = ref.location()
+        else:
+            raise InvalidAPIParameters.field("Upload-Concat", "expected 'partial' or 'final;<urls>'")
+        request.setHeader(b"Location", location.encode())
+        request.setHeader(b"Upload-Expires", http_date(min(state.expires, ref.token.exp)).encode())
+        request.setResponseCode(201)
+        return b""
+
+    def _create_main(self, ref: UploadRef, length: int, metadata: str | None) -> UploadState:
+        """Creation of the token's own upload: it usually exists (prepared by the manager)."""
+        state = read_state(ref.vfolder, ref.session)
+        if state is not None:
+            if state.completed:
+                raise UploadCompleted()
+            return state
+        return create_upload(
+            ref.vfolder, ref.session, ref.token.relpath, length,
+            expire=self.expire_seconds(), extra={"metadata": metadata},
+        )
+
+    async def concatenate(self, request: Any, ref: UploadRef, parts: list[str]) -> bytes:
+        state = await self.pool.run(
+            concatenate_parts, ref.vfolder, ref.token.session, parts, ref.dst_dir, ref.token.exp
+        )
+        request.setHeader(b"Location", ref.location().encode())
+        self.state_headers(request, ref, state)
+        request.setResponseCode(201)
+        return b""
+
+    def expire_seconds(self) -> float:
+        return float(getattr(self.config, "upload_expire", 7 * 86400))
+
+    # -- PATCH: the body is streamed from gotLength -----------------------------------------
+
+    def stream_patch(self, request: StreamingRequest, length: int | None) -> Any:
+        """The site's body handler: take a tus PATCH's body before twisted.web buffers it."""
+        rest = upload_rest(request.path)
+        if rest is None or effective_method(request) != b"PATCH":
+            return None
+        try:
+            patch = self.begin_patch(request, rest, length)
+        except StorageError as exc:
+            request.refuse(exc, self.error_headers(exc))
+            return None
+        request.tus_patch = patch
+        transport = request.channel.transport
+        if isinstance(getattr(transport, "bufferSize", None), int):
+            transport.bufferSize = max(transport.bufferSize, UPLOAD_READ_SIZE)
+        if self.site is not None:
+            self.site.track(patch.finished)
+        return patch.sink
+
+    def begin_patch(self, request: StreamingRequest, rest: str, length: int | None) -> PatchInProgress:
+        check_tus_resumable(request)
+        ref = self.resolve(request, rest)
+        ctype = (request.requestHeaders.getRawHeaders(b"Content-Type") or [b""])[0]
+        if ctype.split(b";")[0].strip().lower() != OFFSET_OCTET_STREAM:
+            raise WrongContentType()
+        offset = parse_offset(header(request, b"Upload-Offset"))
+        checksum = parse_checksum(header(request, b"Upload-Checksum"))
+        if not ref.partial and length is not None and offset + length > ref.token.size:
+            raise UploadTooLong(f"offset {offset} + {length} bytes is past Upload-Length {ref.token.size}")
+        return PatchInProgress(self, request, ref, offset, length, checksum)
+
+    async def patch(self, request: Any) -> bytes:
+        patch: PatchInProgress | None = getattr(request, "tus_patch", None)
+        if patch is None:
+            # Only a request that bypassed the site's body handler gets here.
+            raise WrongContentType("the PATCH body was not streamed")
+        state = await patch.wait()
+        self.state_headers(request, patch.ref, state)
+        request.setResponseCode(204)
+        return b""
+
+
+class PatchTarget:
+    """The staging file, locked, seen from the reactor: writes and the end run in the pool."""
+
+    def __init__(self, pool: Any, writer: UploadWriter, checksum: tuple[str, bytes] | None) -> None:
+        self.pool = pool
+        self.writer = writer
+        self.checksum = checksum
+        self.hasher = CHECKSUMS[checksum[0]]() if checksum else None
+
+    def write(self, buffers: list[bytes]) -> Deferred[int]:
+        return self.pool.run(self._write, buffers)
+
+    def _write(self, buffers: list[bytes]) -> int:
+        size = sum(len(b) for b in buffers)
+        if self.writer.offset + size > self.writer.state.length:
+            raise UploadTooLong(f"the body goes past Upload-Length {self.writer.state.length}")
+        n = self.writer.write(buffers)
+        if self.hasher is not None:
+            for b in buffers:
+                self.hasher.update(b)
+        return n
+
+    def finish(self, body_complete: bool, error: BaseException | None, dst_dir: str | None, keep: float) -> UploadState:
+        """Make the outcome durable (blocking); raises the error the client should see."""
+        writer = self.writer
+        try:
+            if isinstance(error, (UploadTooLong, ChecksumMismatch)) or (
+                self.checksum is not None and (not body_complete or error is not None)
+            ):
+                # An unverifiable or refused chunk is discarded whole.
+                writer.rollback()
+            elif self.checksum is not None and self.hasher is not None:
+                if self.hasher.digest() != self.checksum[1]:
+                    writer.rollback()
+                    raise ChecksumMismatch(f"the {self.checksum[0]} of the body does not match Upload-Checksum")
+                writer.commit()
+            else:
+                writer.commit()
+            state = writer.state
+            if state.offset == state.length and state.kind == NORMAL:
+                state = complete_upload(writer, dst_dir, keep)
+            if error is not None:
+                raise error
+            return state
+        finally:
+            writer.close()
+
+
+class PatchInProgress:
+    """One PATCH: validation, the sink its body streams into, and its outcome."""
+
+    def __init__(
+        self, tus: TusUploads, request: StreamingRequest, ref: UploadRef, offset: int,
+        length: int | None, checksum: tuple[str, bytes] | None,
+    ) -> None:
+        self.tus = tus
+        self.request = request
+        self.ref = ref
+        self.offset = offset
+        self.length = length
+        self.checksum = checksum
+        self.target: PatchTarget | None = None
+        self.outcome: UploadState | Failure | None = None
+        self.waiters: list[Deferred[UploadState]] = []
+        ready: Deferred[PatchTarget] = Deferred()
+        self.sink = UploadSink(
+            request.channel, ready, too_long=lambda: UploadTooLong("the body goes past Upload-Length")
+        )
+        self.finished: Deferred[None] = self.sink.done.addBoth(self._body_done)
+        tus.pool.run(self._open).addCallback(self._opened).chainDeferred(ready)
+
+    def _open(self) -> PatchTarget:
+        ref = self.ref
+        writer = open_writer(ref.vfolder, ref.session, self.offset)
+        try:
+            state = writer.state
+            if ref.partial:
+                self.tus.check_owner(ref, state)
+            elif state.kind == FINAL:
+                raise ConcatForbidden()
+            else:
+                self.tus.check_owner(ref, state)
+            if self.length is not None and state.offset + self.length > state.length:
+                raise UploadTooLong(f"offset {state.offset} + {self.length} bytes is past Upload-Length {state.length}")
+        except BaseException:
+            writer.close()
+            raise
+        return PatchTarget(self.tus.pool, writer, self.checksum)
+
+    def _opened(self, target: PatchTarget) -> PatchTarget:
+        self.target = target
+        self.sink.limit = target.writer.state.length - target.writer.state.offset
+        return target
+
+    def _body_done(self, result: int | Failure) -> Deferred[None]:
+        error = result.value if isinstance(result, Failure) else None
+        if self.target is None:
+            d: Deferred[UploadState] = Deferred()
+            d.errback(result if isinstance(result, Failure) else Failure(RuntimeError("no target")))
+        else:
+            keep = self.ref.token.exp
+            d = self.tus.pool.run(self.target.finish, self.sink.complete, error, self.ref.dst_dir, keep)
+        return d.addBoth(self._deliver)
+
+    def _deliver(self, outcome: UploadState | Failure) -> None:
+        self.outcome = outcome
+        if isinstance(outcome, Failure) and not outcome.check(StorageError):
+            log.failure("tus PATCH {path} failed", outcome, path=self.request.uri.split(b"?")[0].decode("latin-1"))
+        if not self.request._body_done and isinstance(outcome, Failure):
+            # The client is still sending (or gone): answer now, drop the rest.
+            exc = outcome.value
+            if isinstance(exc, StorageError):
+                self.request.refuse(exc, self.tus.error_headers(exc))
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(outcome) if not isinstance(outcome, Failure) else d.errback(outcome)
+        return None
+
+    def wait(self) -> Deferred[UploadState]:
+        d: Deferred[UploadState] = Deferred()
+        if self.outcome is None:
+            self.waiters.append(d)
+        elif isinstance(self.outcome, Failure):
+            d.errback(self.outcome)
+        else:
+            d.callback(self.outcome)
+        return d
+
+
+# -- concatenation (blocking) ------------------------------------------------------------
+
+
+def concatenate_parts(
+    vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float
+) -> UploadState:
+    """Join complete partial uploads into the token's upload with copy_file_range."""
+    if len(set(parts)) != len(parts):
+        raise InvalidAPIParameters.field("Upload-Concat", "a partial upload is named twice")
+    writer = open_writer(vfolder, session, 0)
+    part_writers: list[UploadWriter] = []
+    try:
+        total = 0
+        for part in parts:
+            try:
+                pw = open_writer(vfolder, part, None)
+            except UploadCompleted:
+                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} was already used") from None
+            part_writers.append(pw)
+            st = pw.state
+            if st.kind != PARTIAL or st.extra.get("owner") != session:
+                raise UploadNotFound(f"no such partial upload: {part}")
+            if st.offset != st.length:
+                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} is not complete")
+            total += st.length
+        if total != writer.state.length:
+            raise InvalidAPIParameters.field(
+                "Upload-Concat", f"the parts hold {total} bytes; the upload is {writer.state.length}"
+            )
+        for pw in part_writers:
+            src = os.open(staging_path(vfolder, pw.state.session), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                copied = fastio.copy_range(src, writer.fd, 0, writer.offset, pw.state.length)
+            finally:
+                os.close(src)
+            if copied != pw.state.length:
+                raise OSError(f"partial upload {pw.state.session} is shorter than its state says")
+            writer.offset += copied
+        writer.state = replace(writer.state, kind=FINAL, parts=tuple(parts))
+        writer.commit()
+        state = complete_upload(writer, dst_dir, keep)
+        for pw in part_writers:
+            pw.close()
+        for part in parts:
+            remove_upload(vfolder, part, force=True)
+        return state
+    except OSError as exc:
+        writer.rollback()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InsufficientStorage(f"the joined upload does not fit: {exc.strerror}") from None
+        raise
+    finally:
+        for pw in part_writers:
+            pw.close()
+        writer.close()
+
+
+# -- small helpers -------------------------------------------------------------------------
+
+
+def http_date(timestamp: float) -> str:
+    from email.utils import formatdate
+
+    return formatdate(timestamp, usegmt=True)
+
+
+def janitor_interval(config: Any) -> float:
+    expire = float(getattr(config, "upload_expire", 7 * 86400))
+    return max(60.0, min(3600.0, expire / 4))
+
+
+__all__ = ["TusUploads", "UploadBusy", "write_state"]

@@ -141,6 +141,8 @@ class StreamingRequest(Request):
             return
         handler: BodyHandler | None = getattr(site, "body_handler", None)
         sink = handler(self, length) if handler is not None else None
+        if self.early_error is not None:
+            return  # the handler refused the body
         if sink is None:
             super().gotLength(length)
             return
