@@ -53,6 +53,9 @@ class QuotaUsage:
 class FolderUsage:
     file_count: int
     used_bytes: int
+    # When the numbers were measured (POSIX time); a cached or slow walk's
+    # answer may be older than the request.  None: measured just now.
+    observed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,13 @@ class AbstractVolume(Service):
         """Where ``vfid`` lives on disk (no I/O: it may not exist)."""
         return self.root / vfid.relative_path()
 
+    async def prepare(self) -> None:
+        """Start-up work the daemon awaits before the APIs listen (idempotent);
+        ``startService`` results are ignored by Twisted, so it cannot wait there."""
+
+    def invalidate_usage(self, vfid: VFolderID) -> None:
+        """Called after files of ``vfid`` changed, for backends that cache usage."""
+
     # -- volume -----------------------------------------------------------
 
     async def get_hwinfo(self) -> dict[str, Any]:
@@ -148,11 +158,18 @@ class AbstractVolume(Service):
 
     # -- vfolders ---------------------------------------------------------
 
-    async def create_vfolder(self, vfid: VFolderID, mode: int = 0o755, *, exist_ok: bool = False) -> None:
-        """Raises ``VFolderExists`` unless ``exist_ok``."""
+    async def create_vfolder(
+        self, vfid: VFolderID, mode: int = 0o755, *, exist_ok: bool = False,
+        auto_create_quota_scope: bool = False, quota_options: QuotaConfig | None = None,
+    ) -> None:
+        """Raises ``VFolderExists`` unless ``exist_ok``, and ``QuotaScopeNotFound``
+        when the quota scope is missing unless ``auto_create_quota_scope``."""
         raise NotImplementedError
 
-    async def delete_vfolder(self, vfid: VFolderID, progress: Progress | None = None) -> None:
+    async def delete_vfolder(
+        self, vfid: VFolderID, progress: Progress | None = None, *, missing_ok: bool = False
+    ) -> None:
+        """Raises ``VFolderNotFound`` unless ``missing_ok``."""
         raise NotImplementedError
 
     async def clone_vfolder(
