@@ -239,10 +239,13 @@ class UploadSink:
     """Streams a body into an ``UploadTarget``: ordered writes, bounded memory.
 
     Until ``ready`` fires with the target, chunks queue with the socket
-    paused.  Then at most one write is in flight; chunks arriving meanwhile
-    are batched into the next one (one pool hop and one ``pwritev`` for many
-    socket reads).  Above ``high_water`` bytes queued or in flight the socket
-    is paused; below ``low_water`` it resumes and the idle timeout restarts.
+    paused.  Then at most one write (of up to ``max_batch`` bytes) is in
+    flight; chunks arriving meanwhile are batched into the next one (one pool
+    hop and one ``pwritev`` for many socket reads).  Above ``high_water``
+    bytes waiting for the writer the socket is paused; at ``low_water`` or
+    below it resumes and the idle timeout restarts, so reading the socket
+    and writing the disk overlap.  Memory held: at most ``max_batch`` +
+    ``high_water`` + one socket read.
 
     ``done`` fires with the bytes written once the body has ended (or the
     client left) and every write has finished; or, as soon as no write is in
@@ -258,9 +261,9 @@ class UploadSink:
         *,
         limit: int | None = None,
         too_long: Callable[[], StorageError] | None = None,
-        high_water: int = 8 << 20,
-        low_water: int = 2 << 20,
-        max_batch: int = 8 << 20,
+        high_water: int = 4 << 20,
+        low_water: int = 1 << 20,
+        max_batch: int = 4 << 20,
     ) -> None:
         self.channel = channel
         self.limit = limit
@@ -299,7 +302,7 @@ class UploadSink:
         self.queue.append(data)
         self.queued += len(data)
         self._pump()
-        if self.queued + self.writing > self.high_water:
+        if self.queued > self.high_water:
             self._pause()
 
     def tell(self) -> int:
@@ -347,7 +350,7 @@ class UploadSink:
             return
         self.target = target
         self._pump()
-        if self.queued + self.writing <= self.low_water:
+        if self.queued <= self.low_water:
             self._resume()
         self._maybe_done()
 
@@ -368,7 +371,7 @@ class UploadSink:
         self.written += n
         self.writing = 0
         self._pump()
-        if self.queued + self.writing <= self.low_water:
+        if self.queued <= self.low_water:
             self._resume()
         self._maybe_done()
 

@@ -1,0 +1,209 @@
+"""StreamingRequest + UploadSink without sockets: the PATCH body goes to the
+staging file through pool calls the test fires by hand, with the transport
+paused and resumed around them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tus_harness import OCTETS, Connection, ManualPool, TusHarness
+from twisted.internet.defer import Deferred
+
+from storage.uploads import read_state, staging_path
+from storage.web.streaming import UploadSink
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> TusHarness:
+    return TusHarness(tmp_path, pool=ManualPool())
+
+
+def open_patch(h: TusHarness, size: int, length: int, offset: int = 0) -> tuple[Connection, str, str]:
+    token, session = h.new_upload(size)
+    conn = Connection(h)
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": str(offset)}), length)
+    return conn, token, session
+
+
+def test_socket_is_paused_until_the_upload_is_opened_then_resumed(h):
+    conn, _, session = open_patch(h, 10, 10)
+    assert conn.transport.producerState == "paused"
+    conn.send(b"abc")  # bytes already read are kept while waiting
+    assert h.pool.step()  # open_writer: lock + offset check
+    assert conn.transport.producerState == "producing"
+    h.pool.run_all()
+    assert staging_path(h.vfolder, session).read_bytes() == b"abc"
+    assert conn.responses() == []
+
+
+def test_backpressure_pauses_above_the_high_mark_and_resumes_below_the_low_mark(h):
+    size = 40 << 20
+    conn, _, session = open_patch(h, size, size)
+    h.pool.step()
+    sink = conn.channel.requests[0].content
+    assert isinstance(sink, UploadSink)
+    sent = 0
+    # Feed without running the pool: exactly one write is in flight, the rest queues.
+    while conn.transport.producerState == "producing":
+        conn.send(b"x" * CHUNK)
+        sent += CHUNK
+    assert sink.queued > sink.high_water
+    assert sink.queued <= sink.high_water + CHUNK
+    assert len(h.pool.calls) == 1
+    # The write in flight ends: the next one takes what waited (batching), and
+    # the socket is read again while it runs.
+    h.pool.step()
+    assert sink.queued <= sink.low_water
+    assert sink.writing > CHUNK
+    assert conn.transport.producerState == "producing"
+    h.pool.run_all()
+    assert sink.written == sent
+    assert staging_path(h.vfolder, session).stat().st_size == sent
+
+
+def test_writes_are_ordered_and_batched(h):
+    conn, _, session = open_patch(h, 1000, 1000)
+    h.pool.step()
+    payload = bytes(range(256)) * 4
+    for i in range(0, 1000, 100):
+        conn.send(payload[i:i + 100])
+    # One write in flight for the first chunk; the other nine wait and go in one batch.
+    assert len(h.pool.calls) == 1
+    h.pool.step()
+    assert len(h.pool.calls) == 1
+    h.pool.run_all()
+    assert h.target().read_bytes() == payload[:1000]
+    [r] = conn.responses()
+    assert r.status == 204
+    assert r.header("Upload-Offset") == "1000"
+
+
+def test_offset_after_connection_lost_counts_every_byte_received(h):
+    conn, token, session = open_patch(h, 1 << 20, 1 << 20)
+    h.pool.step()
+    conn.send(b"a" * 1000)
+    conn.send(b"b" * 500)  # queued behind the write in flight
+    conn.drop()
+    h.pool.run_all()  # finish writes, fdatasync, persist the offset
+    assert read_state(h.vfolder, session).offset == 1500
+    assert staging_path(h.vfolder, session).read_bytes() == b"a" * 1000 + b"b" * 500
+    assert h.site.in_flight == set()
+
+
+def test_a_drop_before_the_upload_is_opened_keeps_the_bytes_read(h):
+    conn, _, session = open_patch(h, 100, 100)
+    conn.send(b"early")
+    conn.drop()
+    h.pool.run_all()
+    assert read_state(h.vfolder, session).offset == 5
+
+
+def test_drain_waits_for_the_interrupted_upload_to_be_made_durable(h):
+    conn, _, session = open_patch(h, 100, 100)
+    h.pool.step()
+    conn.send(b"abc")
+    conn.drop()
+    drained = h.site.drain()
+    assert not drained.called
+    h.pool.run_all()
+    assert drained.called
+
+
+def test_memory_stays_bounded_whatever_the_body_size(h):
+    size = 64 << 20
+    conn, _, session = open_patch(h, size, size)
+    h.pool.step()
+    sink = conn.channel.requests[0].content
+    peak = 0
+    chunk = b"z" * CHUNK
+    for _ in range(size // CHUNK):
+        if conn.transport.producerState == "paused":
+            h.pool.step()
+        assert conn.transport.producerState == "producing"
+        conn.send(chunk)
+        peak = max(peak, sink.queued + sink.writing)
+    h.pool.run_all()
+    assert peak <= sink.max_batch + sink.high_water + CHUNK
+    assert sink.pauses > 1
+    [r] = conn.responses()
+    assert r.status == 204
+    assert (h.vfolder / "data" / "file.bin").stat().st_size == size
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        self.transport = StringTransport()
+        self.timeouts_reset = 0
+
+    def resetTimeout(self) -> None:
+        self.timeouts_reset += 1
+
+
+class FakeTarget:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[bytes], Deferred[int]]] = []
+
+    def write(self, buffers: list[bytes]) -> Deferred[int]:
+        d: Deferred[int] = Deferred()
+        self.calls.append((list(buffers), d))
+        return d
+
+    def complete_next(self) -> None:
+        buffers, d = self.calls.pop(0)
+        d.callback(sum(map(len, buffers)))
+
+
+def test_sink_resets_the_idle_timeout_when_it_resumes():
+    channel = FakeChannel()
+    ready: Deferred[FakeTarget] = Deferred()
+    sink = UploadSink(channel, ready, high_water=100, low_water=10, max_batch=50)
+    target = FakeTarget()
+    ready.callback(target)
+    assert channel.transport.producerState == "producing"
+    before = channel.timeouts_reset
+    sink.write(b"x" * 50)  # in flight
+    sink.write(b"y" * 60)
+    sink.write(b"z" * 60)  # 120 waiting
+    assert channel.transport.producerState == "paused"
+    target.complete_next()
+    target.complete_next()
+    assert channel.transport.producerState == "producing"
+    assert channel.timeouts_reset > before
+
+
+def test_sink_write_failure_drops_the_rest_and_reports_it():
+    channel = FakeChannel()
+    ready: Deferred[FakeTarget] = Deferred()
+    sink = UploadSink(channel, ready)
+    target = FakeTarget()
+    ready.callback(target)
+    sink.write(b"abc")
+    sink.write(b"def")
+    _, d = target.calls.pop(0)
+    d.errback(OSError(5, "EIO"))
+    failures = []
+    sink.done.addErrback(failures.append)
+    assert failures and failures[0].check(OSError)
+    sink.write(b"ghi")  # dropped
+    assert target.calls == []
+    assert sink.written == 0
+
+
+def test_sink_limit_stops_before_writing_past_it():
+    channel = FakeChannel()
+    ready: Deferred[FakeTarget] = Deferred()
+    sink = UploadSink(channel, ready, limit=5)
+    target = FakeTarget()
+    ready.callback(target)
+    sink.write(b"abc")
+    sink.write(b"def")
+    target.complete_next()
+    errors = []
+    sink.done.addErrback(errors.append)
+    assert errors
+    assert sink.written == 3
