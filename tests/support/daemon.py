@@ -29,8 +29,8 @@ import toml
 
 import storage
 
-MANAGER_SECRET = "test-manager-secret"
-SECRET = "test-client-secret"
+MANAGER_SECRET = "test-manager-secret-0123456789abcdef"
+SECRET = "test-client-secret-0123456789abcdefgh"
 
 _LISTEN_RE = re.compile(r"(manager|client) API listening on (\S+):(\d+)")
 
