@@ -52,7 +52,7 @@ def make_volume(tmp_path: Path, blocking_pool: BlockingPool) -> Iterator[Callabl
         path.mkdir(parents=True, exist_ok=True)
         config = VolumeConfig(name, "vfs", path, fsprefix, dict(options))
         volume = cls(config, VolumeContext(pool=blocking_pool, scandir_limit=scandir_limit, reactor=reactor))
-        run(volume.prepare())
+        volume._prepare()  # synchronously: the factory may be called from inside a test
         volume.startService()
         made.append(volume)
         return volume
