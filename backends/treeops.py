@@ -96,6 +96,20 @@ def apply_stat_fd(fd: int, st: os.stat_result, *, owner: bool) -> None:
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
+def _apply_stat_special(dir_fd: int, name: str, st: os.stat_result) -> None:
+    """Mode and times of a FIFO, which cannot be opened without blocking:
+    through an ``O_PATH`` descriptor (never a name that could be swapped for
+    a symlink) and its /proc alias."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        alias = f"/proc/self/fd/{fd}"
+        if os.path.exists(alias):
+            os.chmod(alias, stat.S_IMODE(st.st_mode))
+            os.utime(alias, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
 def copy_file_at(
     src_dir: int, src_name: str, dst_dir: int, dst_name: str,
     progress: Progress | None = None, *, owner: bool | None = None,
@@ -215,7 +229,8 @@ def copy_tree_contents(src_fd: int, dst_fd: int, progress: Progress | None = Non
                         continue  # removed or swapped for a symlink under us
                     raise
             elif stat.S_ISFIFO(mode):
-                os.mkfifo(name, stat.S_IMODE(mode), dir_fd=dfd)
+                os.mkfifo(name, 0o600, dir_fd=dfd)
+                _apply_stat_special(dfd, name, st)
             else:
                 continue  # sockets and devices are not copied
             copied += 1
