@@ -1,0 +1,1 @@
+"""Command-line tools: ``storage-proxy-upload`` and ``storage-proxy-download``."""

@@ -1,0 +1,224 @@
+"""The console entry points, run as subprocesses against the fake servers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from fake_download_server import FakeDownloadServer
+from fake_tus_server import Drop, Status
+from twisted.internet.utils import getProcessOutputAndValue
+
+import storage
+
+ensure = pytest_twisted.ensureDeferred
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(storage.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop("COLUMNS", None)
+    return env
+
+
+async def run_cli(module: str, *args: str, cwd: Path | None = None) -> tuple[str, str, int]:
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-m", f"storage.cli.{module}", *args], env=cli_env(),
+        path=str(cwd) if cwd else None)
+    return out.decode(), err.decode(), code
+
+
+@pytest_twisted.async_yield_fixture
+async def downloads(reactor, tmp_path):
+    root = tmp_path / "served"
+    root.mkdir()
+    servers = []
+
+    def make(**kwargs) -> FakeDownloadServer:
+        fake = FakeDownloadServer(root, **kwargs).listen(reactor)
+        servers.append(fake)
+        return fake
+
+    yield make
+    for fake in servers:
+        await fake.port.stopListening()
+
+
+# -- upload ---------------------------------------------------------------
+
+@ensure
+async def test_upload_ok_with_plain_progress_lines(fake, payload_file):
+    path, data = payload_file(3_000_000)
+    url = fake.precreate(len(data))
+    out, err, code = await run_cli("upload", url, str(path), "--chunk-size", "256k")
+    assert code == 0, err
+    assert fake.data(url) == data
+    assert out.strip() == url
+    lines = [line for line in err.splitlines() if line.startswith("upload payload.bin:")]
+    assert 2 <= len(lines) <= 13
+    assert "\r" not in err and lines[-1].startswith("upload payload.bin: 100%")
+    assert "uploaded 3000000 bytes" in err
+
+
+@ensure
+async def test_upload_creates_with_metadata_parallel_and_checksum(fake, payload_file):
+    path, data = payload_file(2 * 1024 * 1024 + 3)
+    out, err, code = await run_cli("upload", fake.creation_url, str(path), "--parallel", "2",
+                                   "--checksum", "sha256", "--metadata", "kind=test", "-q")
+    assert code == 0, err
+    assert fake.data(out.strip()) == data
+    assert err == ""
+    final_post = [h for m, _, h in fake.requests if m == "POST"][-1]
+    assert final_post["upload-concat"].startswith("final;")
+
+
+@ensure
+async def test_upload_resumes_after_drops(fake, payload_file):
+    path, data = payload_file(1_000_000)
+    url = fake.precreate(len(data))
+    fake.add_faults("PATCH", Drop(300_000))
+    out, err, code = await run_cli("upload", url, str(path), "-q")
+    assert code == 0, err
+    assert fake.data(url) == data
+    assert [offset for _, offset, _ in fake.patches] == [0, 300_000]
+
+
+@ensure
+async def test_upload_failure_exit_1_with_one_line(fake, payload_file):
+    path, _ = payload_file(1000)
+    url = fake.precreate(1000)
+    fake.add_faults("PATCH", Status(507, {"title": "Insufficient Storage",
+                                          "detail": "quota scope user:x is full"}))
+    out, err, code = await run_cli("upload", url, str(path), "-q")
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "upload failed: 507 Insufficient Storage: Insufficient Storage: quota scope user:x is full")
+
+
+@ensure
+async def test_upload_missing_file_exit_1(fake, tmp_path):
+    out, err, code = await run_cli("upload", fake.precreate(10), str(tmp_path / "nope"))
+    assert code == 1 and "upload failed: not a readable file" in err
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["http://x/"],
+    ["http://x/", "f", "--chunk-size", "lots"],
+    ["http://x/", "f", "--parallel", "0"],
+    ["http://x/", "f", "--checksum", "crc32"],
+    ["http://x/", "f", "--metadata", "novalue"],
+    ["http://x/", "-"],
+])
+@ensure
+async def test_upload_usage_errors_exit_2(args):
+    out, err, code = await run_cli("upload", *args)
+    assert code == 2 and "usage:" in err
+
+
+# -- download -------------------------------------------------------------
+
+@ensure
+async def test_download_to_output(downloads, tmp_path):
+    server = downloads()
+    data = os.urandom(2_000_000)
+    (server.root / "blob.bin").write_bytes(data)
+    target = tmp_path / "out.bin"
+    out, err, code = await run_cli("download", f"{server.base_url}/files/blob.bin", "-o",
+                                   str(target))
+    assert code == 0, err
+    assert target.read_bytes() == data
+    lines = [line for line in err.splitlines() if line.startswith("download:")]
+    assert 1 <= len(lines) <= 13 and "\r" not in err
+
+
+@ensure
+async def test_download_resumes_a_partial_file(downloads, tmp_path):
+    server = downloads()
+    data = os.urandom(500_000)
+    (server.root / "blob.bin").write_bytes(data)
+    target = tmp_path / "out.bin"
+    target.write_bytes(data[:123_456])
+    out, err, code = await run_cli("download", f"{server.base_url}/files/blob.bin", "-o",
+                                   str(target))
+    assert code == 0, err
+    assert target.read_bytes() == data
+    assert "ignored the range" not in err  # a 206 continued the file
+    assert "120.6 KiB of 488.3 KiB" in err.splitlines()[0]  # started at byte 123456
+
+
+@ensure
+async def test_download_names_the_file_from_content_disposition(downloads, tmp_path):
+    server = downloads()
+    name = "résumé 2026.txt"
+    data = b"hello " * 1000
+    (server.root / name).write_bytes(data)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / name).write_bytes(data[:100])  # a partial earlier download
+    from urllib.parse import quote
+
+    out, err, code = await run_cli("download", f"{server.base_url}/files/{quote(name)}", "-q",
+                                   cwd=workdir)
+    assert code == 0, err
+    assert (workdir / name).read_bytes() == data
+    assert out.strip() == name
+
+
+@ensure
+async def test_download_restarts_when_range_is_ignored(downloads, tmp_path):
+    server = downloads()
+    data = os.urandom(100_000)
+    (server.root / "blob.bin").write_bytes(data)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"x" * 50_000)
+    out, err, code = await run_cli("download", f"{server.base_url}/norange/blob.bin", "-o",
+                                   str(target))
+    assert code == 0, err
+    assert target.read_bytes() == data
+    assert "ignored the range" in err
+
+
+@ensure
+async def test_download_already_complete(downloads, tmp_path):
+    server = downloads()
+    data = os.urandom(10_000)
+    (server.root / "blob.bin").write_bytes(data)
+    target = tmp_path / "out.bin"
+    target.write_bytes(data)
+    out, err, code = await run_cli("download", f"{server.base_url}/files/blob.bin", "-o",
+                                   str(target))
+    assert code == 0, err
+    assert target.read_bytes() == data and "already complete" in err
+
+
+@ensure
+async def test_download_retries_a_dropped_connection_with_range(downloads, tmp_path):
+    server = downloads(cut_after=40_000, cuts=2)
+    data = os.urandom(100_000)
+    (server.root / "blob.bin").write_bytes(data)
+    target = tmp_path / "out.bin"
+    out, err, code = await run_cli("download", f"{server.base_url}/cut/blob.bin", "-o",
+                                   str(target), "-q")
+    assert code == 0, err
+    assert target.read_bytes() == data
+    assert server.ranges == [None, "bytes=40000-", "bytes=80000-"]
+
+
+@ensure
+async def test_download_404_exit_1(downloads, tmp_path):
+    server = downloads()
+    out, err, code = await run_cli("download", f"{server.base_url}/missing", "-o",
+                                   str(tmp_path / "x"))
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "download failed: 404 Not Found: File not found"
+
+
+@ensure
+async def test_download_usage_exit_2():
+    out, err, code = await run_cli("download")
+    assert code == 2 and "usage:" in err
