@@ -12,7 +12,6 @@ We use the invocations upstream uses (and only flags it uses):
 * ``pcp -r -p SRC DST`` (1.x) / ``pcopy -r -p SRC DST`` (2.x): a recursive copy
   keeping modes and times.  ``DST`` never exists beforehand here, so both
   generations create it as the copy of ``SRC`` (cp semantics).
-* ``prm -r PATH``: parallel recursive delete.
 """
 
 from __future__ import annotations
@@ -42,10 +41,6 @@ class Toolkit:
     def copy_tool(self) -> str | None:
         """``pcopy`` on 2.x, ``pcp`` on 1.x (None if missing)."""
         return self.tools.get("pcopy" if self.generation == 2 else "pcp")
-
-    @property
-    def prm(self) -> str | None:
-        return self.tools.get("prm")
 
 
 def parse_version(output: bytes) -> tuple[int, str] | None:
@@ -140,7 +135,3 @@ def summary_args(path: str | os.PathLike[str]) -> list[bytes]:
 
 def copy_args(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[bytes]:
     return [b"-r", b"-p", os.fsencode(src), os.fsencode(dst)]
-
-
-def remove_args(path: str | os.PathLike[str]) -> list[bytes]:
-    return [b"-r", os.fsencode(path)]

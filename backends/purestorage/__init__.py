@@ -1,0 +1,5 @@
+"""PureStorage FlashBlade backend (``backend = "purestorage"``)."""
+
+from .volume import FlashBladeVolume
+
+__all__ = ["FlashBladeVolume"]
