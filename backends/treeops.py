@@ -4,7 +4,8 @@ Everything here works relative to an open directory (``dir_fd``) and opens
 each subdirectory with ``O_NOFOLLOW``: a symlink is copied as a link or
 removed as a link, never entered, so a tree that changes under us (a
 container renaming a directory to a symlink mid-walk) cannot lead outside.
-Walks are iterative (no recursion limit); each level holds one descriptor.
+Walks go through ``storage.paths.walk_tree``: no recursion, and a bounded
+number of open descriptors however deep or wide the tree is.
 
 Files are copied with ``storage.fastio.copy_range`` (``copy_file_range``:
 a reflink on XFS and Btrfs), preserving mode, mtime/atime and, when running
@@ -19,10 +20,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from storage import fastio
+from storage.paths import walk_tree
 
 if TYPE_CHECKING:
     from storage.bgtasks import Progress
@@ -52,30 +55,23 @@ class TreeCount:
 def count_tree(dir_fd: int, progress: Progress | None = None) -> TreeCount:
     """What copying the contents of ``dir_fd`` will move (for progress totals)."""
     total = TreeCount()
-    stack = [os.dup(dir_fd)]
-    try:
-        while stack:
-            fd = stack.pop()
+
+    def visit(fds: Sequence[int]) -> list[str]:
+        subdirs = []
+        for entry in _listdir(fds[0]):
+            _check(progress)
             try:
-                for entry in _listdir(fd):
-                    _check(progress)
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    total.files += 1
-                    if stat.S_ISREG(st.st_mode):
-                        total.bytes += st.st_size
-                    elif stat.S_ISDIR(st.st_mode):
-                        try:
-                            stack.append(os.open(entry.name, DIR_FLAGS, dir_fd=fd))
-                        except (FileNotFoundError, NotADirectoryError):
-                            pass
-            finally:
-                os.close(fd)
-    finally:
-        for fd in stack:
-            os.close(fd)
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            total.files += 1
+            if stat.S_ISREG(st.st_mode):
+                total.bytes += st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+        return subdirs
+
+    walk_tree([dir_fd], visit)
     return total
 
 
@@ -176,49 +172,21 @@ def copy_tree_contents(src_fd: int, dst_fd: int, progress: Progress | None = Non
     """
     owner = _preserve_owner() if owner is None else owner
     copied = 0
-    # Each frame: (src dir fd, dst dir fd, pending entries, stat to apply to dst when done)
-    frames: list[tuple[int, int, list[os.DirEntry[str]], os.stat_result | None]] = [
-        (os.dup(src_fd), os.dup(dst_fd), [], None)
-    ]
-    frames[0][2].extend(reversed(_listdir(frames[0][0])))
-    try:
-        while frames:
-            sfd, dfd, pending, dir_st = frames[-1]
-            if not pending:
-                frames.pop()
-                try:
-                    if dir_st is not None:
-                        apply_stat_fd(dfd, dir_st, owner=owner)
-                finally:
-                    os.close(sfd)
-                    os.close(dfd)
-                continue
-            entry = pending.pop()
+
+    def visit(fds: Sequence[int]) -> list[str]:
+        nonlocal copied
+        sfd, dfd = fds
+        subdirs = []
+        for entry in _listdir(sfd):
             _check(progress)
             try:
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue  # deleted while we copy: nothing to copy
-            name = entry.name
-            mode = st.st_mode
+            name, mode = entry.name, st.st_mode
             if stat.S_ISDIR(mode):
                 os.mkdir(name, 0o700, dir_fd=dfd)
-                try:
-                    sub_s = os.open(name, DIR_FLAGS, dir_fd=sfd)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                        continue  # it changed under us: leave the empty directory
-                    raise
-                try:
-                    sub_d = os.open(name, DIR_FLAGS, dir_fd=dfd)
-                except BaseException:
-                    os.close(sub_s)
-                    raise
-                frames.append((sub_s, sub_d, [], os.fstat(sub_s)))
-                try:
-                    frames[-1][2].extend(reversed(_listdir(sub_s)))
-                except OSError:
-                    pass
+                subdirs.append(name)
             elif stat.S_ISLNK(mode):
                 copy_symlink_at(sfd, name, dfd, name, st, owner=owner)
             elif stat.S_ISREG(mode):
@@ -236,10 +204,14 @@ def copy_tree_contents(src_fd: int, dst_fd: int, progress: Progress | None = Non
             copied += 1
             if progress is not None:
                 progress.message = f"copied {copied} entries"
-    finally:
-        for sfd, dfd, _pending, _st in frames:
-            os.close(sfd)
-            os.close(dfd)
+        return subdirs
+
+    def leave(_parent: Sequence[int], child: Sequence[int], _name: str) -> None:
+        nonlocal copied
+        apply_stat_fd(child[1], os.fstat(child[0]), owner=owner)
+        copied += 1
+
+    walk_tree([src_fd, dst_fd], visit, leave)
     return copied
 
 
@@ -279,53 +251,48 @@ def remove_tree_contents(dir_fd: int, progress: Progress | None = None) -> int:
     fine.  Returns the number of entries removed.
     """
     removed = 0
-    # Each frame: (dir fd, pending entries, name of this dir in its parent)
-    frames: list[tuple[int, list[os.DirEntry[str]], str | None]] = [(os.dup(dir_fd), [], None)]
-    frames[0][1].extend(_listdir(frames[0][0]))
-    try:
-        while frames:
-            fd, pending, name = frames[-1]
-            if not pending:
-                frames.pop()
-                os.close(fd)
-                if name is not None:
-                    try:
-                        os.rmdir(name, dir_fd=frames[-1][0])
-                        removed += 1
-                    except FileNotFoundError:
-                        pass
-                continue
-            entry = pending.pop()
+
+    def visit(fds: Sequence[int]) -> list[str]:
+        nonlocal removed
+        subdirs = []
+        for entry in _listdir(fds[0]):
             _check(progress)
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
             except OSError:
                 continue
             if is_dir:
-                try:
-                    sub = os.open(entry.name, DIR_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                        raise
-                    # Swapped for a symlink or a file since the listing: unlink that.
-                    _unlink_quiet(fd, entry.name)
-                    continue
-                frames.append((sub, [], entry.name))
-                try:
-                    frames[-1][1].extend(_listdir(sub))
-                except FileNotFoundError:
-                    pass
-            else:
-                if _unlink_quiet(fd, entry.name):
-                    removed += 1
-            if progress is not None:
-                progress.advance(1)
-                progress.message = f"removed {removed} entries"
-    finally:
-        for fd, _pending, _name in frames:
-            os.close(fd)
+                subdirs.append(entry.name)
+                continue
+            if _unlink_quiet(fds[0], entry.name):
+                removed += 1
+                if progress is not None:
+                    progress.advance(1)
+                    progress.message = f"removed {removed} entries"
+        return subdirs
+
+    def descend(fds: Sequence[int], name: str) -> list[int] | None:
+        try:
+            return [os.open(name, DIR_FLAGS, dir_fd=fds[0])]
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            _unlink_quiet(fds[0], name)  # swapped for a symlink or a file since the listing
+            return None
+
+    def leave(parent: Sequence[int], _child: Sequence[int], name: str) -> None:
+        nonlocal removed
+        try:
+            os.rmdir(name, dir_fd=parent[0])
+        except FileNotFoundError:
+            return
+        removed += 1
+        if progress is not None:
+            progress.advance(1)
+
+    walk_tree([dir_fd], visit, leave, descend=descend)
     return removed
 
 

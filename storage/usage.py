@@ -12,8 +12,9 @@ One walk yields both numbers upstream reports:
   Upstream parses du's human-readable output, so it is rounded; ours is exact.
 
 The walk never follows a symlink: it descends with ``openat(O_NOFOLLOW)`` from
-the descriptor of the parent, so a directory swapped for a symlink mid-walk
-is skipped, never entered.
+the descriptor of the parent (``storage.paths.walk_tree``), so a directory
+swapped for a symlink mid-walk is skipped, never entered; it needs no
+recursion and a bounded number of descriptors however deep or wide the tree.
 
 Large trees are slow, so ``UsageCache`` bounds how long a request waits
 (``timeout``) while the walk itself may go on (up to ``max_walk``) and fills
@@ -26,12 +27,11 @@ result if there is one (its ``observed_at`` tells how old), else upstream's
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,10 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from .paths import walk_tree
+
 log = Logger()
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # How many entries between two looks at the clock and the stop flag.
 _CHECK_EVERY = 256
 
@@ -83,52 +84,46 @@ def walk_usage(
     """
     started = clock()
     root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    root_st = os.fstat(root_fd)
     count = 0
     apparent = 0
-    allocated = root_st.st_blocks * 512
+    allocated = os.fstat(root_fd).st_blocks * 512
     seen: set[tuple[int, int]] = set()  # (dev, ino) of hard-linked inodes already counted
-    stack: list[int] = [root_fd]
-    try:
-        while stack:
-            fd = stack.pop()
+
+    def visit(fds: Sequence[int]) -> list[str]:
+        nonlocal count, apparent, allocated
+        try:
+            with os.scandir(fds[0]) as it:
+                entries = list(it)
+        except OSError:
+            return []  # vanished or unreadable: count what we can, as upstream does
+        subdirs: list[str] = []
+        for entry in entries:
             try:
-                with os.scandir(fd) as it:
-                    entries = list(it)
+                st = entry.stat(follow_symlinks=False)
             except OSError:
-                entries = []  # vanished or unreadable: count what we can, as upstream does
-            subdirs: list[str] = []
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # the tree changes while we walk it
-                count += 1
-                apparent += st.st_size
-                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if key not in seen:
-                        seen.add(key)
-                        allocated += st.st_blocks * 512
-                else:
+                continue  # the tree changes while we walk it
+            count += 1
+            apparent += st.st_size
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                key = (st.st_dev, st.st_ino)
+                if key not in seen:
+                    seen.add(key)
                     allocated += st.st_blocks * 512
-                if stat.S_ISDIR(st.st_mode):
-                    subdirs.append(entry.name)
-                if count % _CHECK_EVERY == 0:
-                    if stop is not None and stop.is_set():
-                        raise UsageWalkAborted("stopping")
-                    if deadline is not None and clock() > deadline:
-                        raise UsageWalkAborted("deadline passed")
-            for name in subdirs:
-                try:
-                    stack.append(os.open(name, _DIR_FLAGS, dir_fd=fd))
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EACCES):
-                        raise
-            os.close(fd)
+            else:
+                allocated += st.st_blocks * 512
+            if stat.S_ISDIR(st.st_mode):
+                subdirs.append(entry.name)
+            if count % _CHECK_EVERY == 0:
+                if stop is not None and stop.is_set():
+                    raise UsageWalkAborted("stopping")
+                if deadline is not None and clock() > deadline:
+                    raise UsageWalkAborted("deadline passed")
+        return subdirs
+
+    try:
+        walk_tree([root_fd], visit)
     finally:
-        for fd in stack:
-            os.close(fd)
+        os.close(root_fd)
     return TreeUsage(count, apparent, allocated, time.time(), clock() - started)
 
 
