@@ -59,7 +59,7 @@ from storage.uploads import (
     write_state,
 )
 from storage.web.site import UPLOAD_READ_SIZE, StorageSite
-from storage.web.streaming import StreamingRequest, UploadSink
+from storage.web.streaming import StreamingRequest, UploadSink, keep_body_buffers_in_the_heap
 
 log = Logger()
 
@@ -245,6 +245,7 @@ class TusUploads:
         self.reactor = reactor
         self.site: StorageSite | None = None
         self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
+        keep_body_buffers_in_the_heap()
 
     def services(self) -> list[Any]:
         return [self.janitor]
