@@ -511,6 +511,8 @@ class VfsVolume(AbstractVolume):
                         return
                     raise FileExistsError(errno.EEXIST, "File exists")
                 parts = rel.parts
+                if ".." in parts:  # resolve_rel never returns one; refuse rather than trust it
+                    raise InvalidPath("relpath: leads outside the vfolder", data={"relpath": "leads outside"})
                 fd = os.dup(root_fd)
                 try:
                     for i, part in enumerate(parts):
