@@ -94,7 +94,7 @@ class AbstractVolume(Service):
         self.config = config
         self.context = context
         self.pool = context.pool
-        self.name = config.name
+        self.name = config.name  # type: ignore[assignment]  # Service.name is typed None
         # The directory under which quota scopes and vfolders live.
         self.mount_path = Path(config.path)
         self.root = (self.mount_path / config.fsprefix).absolute()
