@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import secrets
+import select
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -253,6 +254,18 @@ async def prepare_upload(
 # -- writing ----------------------------------------------------------------------
 
 
+@dataclass
+class Received:
+    """What ``UploadWriter.receive`` did: bytes taken from the socket, bytes
+    written (fewer only on error), and why it stopped early."""
+
+    consumed: int = 0
+    written: int = 0
+    eof: bool = False
+    stopped: str | None = None  # "idle" or "stopped"
+    error: BaseException | None = None
+
+
 class UploadWriter:
     """The one writer of an upload: holds the lock and the staging file open.
 
@@ -281,6 +294,102 @@ class UploadWriter:
             raise
         self.offset += n
         return n
+
+    def receive(self, sock: Any, count: int, hasher: Any = None, should_stop: Any = None,
+                idle_timeout: float = 60.0) -> Received:
+        """Move up to ``count`` body bytes from a (non-blocking) socket into the file (blocking).
+
+        ``splice`` moves them socket → pipe → page cache without a copy
+        through user space; with a ``hasher`` (or without ``os.splice``) a
+        reused buffer and ``recv_into``/``pwrite`` do.  Never reads past
+        ``count``, so a pipelined next request stays in the socket.  Stops
+        early at end of stream, after ``idle_timeout`` seconds without data,
+        or when ``should_stop()``; errors are returned with the bytes
+        consumed from the socket and written before them.
+        """
+        if self.offset + count > self.state.length:
+            raise AssertionError("the body length is checked against Upload-Length before this")
+        start = self.offset
+        if hasher is None and hasattr(os, "splice"):
+            result = self._receive_spliced(sock, count, should_stop, idle_timeout)
+        else:
+            result = self._receive_copied(sock, count, hasher, should_stop, idle_timeout)
+        result.written = self.offset - start
+        return result
+
+    def _wait_readable(self, fd: int, should_stop: Any, idle_timeout: float) -> str | None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        waited = 0.0
+        while True:
+            if should_stop is not None and should_stop():
+                return "stopped"
+            if poller.poll(500):
+                return None
+            waited += 0.5
+            if waited >= idle_timeout:
+                return "idle"
+
+    def _receive_copied(self, sock: Any, count: int, hasher: Any, should_stop: Any,
+                        idle_timeout: float) -> Received:
+        result = Received()
+        buf = memoryview(bytearray(min(count, 1 << 20) or 1))
+        fd = sock.fileno()
+        try:
+            while result.consumed < count:
+                try:
+                    n = sock.recv_into(buf[: min(len(buf), count - result.consumed)])
+                except (BlockingIOError, InterruptedError):
+                    result.stopped = self._wait_readable(fd, should_stop, idle_timeout)
+                    if result.stopped:
+                        return result
+                    continue
+                if n == 0:
+                    result.eof = True
+                    return result
+                result.consumed += n
+                self.write([buf[:n]])
+                if hasher is not None:
+                    hasher.update(buf[:n])
+        except BaseException as exc:  # reported with the counts, raised on the reactor
+            result.error = exc
+        return result
+
+    def _receive_spliced(self, sock: Any, count: int, should_stop: Any, idle_timeout: float) -> Received:
+        result = Received()
+        fd = sock.fileno()
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger splices
+            except OSError:
+                pass
+            while result.consumed < count:
+                try:
+                    n = os.splice(fd, w, count - result.consumed, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                except (BlockingIOError, InterruptedError):
+                    result.stopped = self._wait_readable(fd, should_stop, idle_timeout)
+                    if result.stopped:
+                        return result
+                    continue
+                if n == 0:
+                    result.eof = True
+                    return result
+                result.consumed += n
+                while n:
+                    moved = os.splice(r, self.fd, n, offset_dst=self.offset, flags=os.SPLICE_F_MOVE)
+                    self.offset += moved
+                    n -= moved
+        except OSError as exc:
+            result.error = (
+                InsufficientStorage(f"the upload does not fit: {exc.strerror}") if _disk_full(exc) else exc
+            )
+        except BaseException as exc:
+            result.error = exc
+        finally:
+            os.close(r)
+            os.close(w)
+        return result
 
     def commit(self, offset: int | None = None) -> UploadState:
         """Make the bytes up to ``offset`` durable and record that offset."""

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from storage import fastio
+from storage.blocking import BlockingPool
 from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
@@ -245,10 +246,11 @@ class TusUploads:
         self.reactor = reactor
         self.site: StorageSite | None = None
         self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
+        self.socket_threads = SocketThreads(reactor)
         keep_body_buffers_in_the_heap()
 
     def services(self) -> list[Any]:
-        return [self.janitor]
+        return [self.janitor, self.socket_threads]
 
     def make_site(self, resource: Any) -> StorageSite:
         self.site = StorageSite(resource, body_handler=self.stream_patch)
@@ -465,6 +467,31 @@ class TusUploads:
         return b""
 
 
+class SocketThreads(BlockingPool):
+    """Threads that read large PATCH bodies off their sockets into the staging
+    file (``UploadWriter.receive``), so the bytes skip the reactor and, with
+    ``splice``, user space.  Bounded: past ``limit`` bodies stay on the reactor."""
+
+    name = "upload-socket-threads"
+
+    def __init__(self, reactor: Any, limit: int = 64) -> None:
+        super().__init__(reactor, max_threads=limit)
+        self.limit = limit
+        self.active = 0
+        self.stopping = False
+
+    def is_stopping(self) -> bool:
+        return self.stopping
+
+    def startService(self) -> None:
+        self.stopping = False
+        super().startService()
+
+    def stopService(self) -> Any:
+        self.stopping = True  # threads notice within half a second
+        return super().stopService()
+
+
 class PatchTarget:
     """The staging file, locked, seen from the reactor: writes and the end run in the pool."""
 
@@ -531,7 +558,8 @@ class PatchInProgress:
         self.waiters: list[Deferred[UploadState]] = []
         ready: Deferred[PatchTarget] = Deferred()
         self.sink = UploadSink(
-            request.channel, ready, too_long=lambda: UploadTooLong("the body goes past Upload-Length")
+            request.channel, ready, too_long=lambda: UploadTooLong("the body goes past Upload-Length"),
+            expected=length, direct=self._direct, request=request,
         )
         self.finished: Deferred[None] = self.sink.done.addBoth(self._body_done)
         tus.pool.run(self._open).addCallback(self._opened).chainDeferred(ready)
@@ -553,6 +581,21 @@ class PatchInProgress:
             writer.close()
             raise
         return PatchTarget(self.tus.pool, writer, self.checksum)
+
+    def _direct(self, sock: Any, count: int) -> Deferred[Any] | None:
+        """Read the rest of the body straight off the socket in a thread, if one is free."""
+        tus = self.tus
+        if self.target is None or tus.socket_threads.active >= tus.socket_threads.limit:
+            return None
+        tus.socket_threads.active += 1
+        target = self.target
+
+        def release(result: Any) -> Any:
+            tus.socket_threads.active -= 1
+            return result
+
+        d = tus.socket_threads.run(target.writer.receive, sock, count, target.hasher, tus.socket_threads.is_stopping)
+        return d.addBoth(release)
 
     def _opened(self, target: PatchTarget) -> PatchTarget:
         self.target = target

@@ -69,6 +69,34 @@ def request_line(channel: Any) -> tuple[bytes, bytes]:
     return channel._command, channel._path
 
 
+def body_decoder(channel: Any) -> Any:
+    """The channel's decoder of the body being received (private ``_transferDecoder``)."""
+    return getattr(channel, "_transferDecoder", None)
+
+
+def plain_socket(channel: Any) -> Any:
+    """The socket under a plain-TCP channel, or None (TLS, tests' fake transports)."""
+    from twisted.internet.interfaces import ISSLTransport
+
+    transport = channel.transport
+    if transport is None or ISSLTransport.providedBy(transport) or getattr(transport, "disconnecting", True):
+        return None
+    sock = getattr(transport, "socket", None)
+    return sock if sock is not None and hasattr(sock, "recv_into") else None
+
+
+def consumed_elsewhere(channel: Any, n: int) -> bool:
+    """Tell the body decoder that ``n`` body bytes were read from the socket
+    behind its back; True when that was the rest of the body (then the
+    request is complete, as if the bytes had come through dataReceived)."""
+    decoder = body_decoder(channel)
+    decoder.contentLength -= n
+    if decoder.contentLength == 0:
+        decoder.dataReceived(b"")  # runs the finish callback: allContentReceived
+        return True
+    return False
+
+
 def pause_reading(channel: Any) -> None:
     channel.transport.pauseProducing()
 
@@ -249,6 +277,12 @@ class StreamingRequest(Request):
         super().connectionLost(reason)
 
 
+# A body with at least this much left is read by a thread (see UploadSink._hand_off).
+DIRECT_MIN = 256 << 10
+
+DirectReceive = Callable[[Any, int], "Deferred[Any] | None"]
+
+
 class UploadTarget(Protocol):
     """Where an ``UploadSink`` puts bytes; every method runs its work off the reactor."""
 
@@ -284,8 +318,15 @@ class UploadSink:
         high_water: int = 4 << 20,
         low_water: int = 1 << 20,
         max_batch: int = 4 << 20,
+        expected: int | None = None,
+        direct: DirectReceive | None = None,
+        request: Any = None,
     ) -> None:
         self.channel = channel
+        self.expected = expected  # the declared body length, if any
+        self.direct = direct
+        self.request = request
+        self.direct_runs = 0
         self.limit = limit
         self.too_long = too_long
         self.high_water = high_water
@@ -372,7 +413,8 @@ class UploadSink:
         self._pump()
         if self.queued <= self.low_water:
             self._resume()
-        self._maybe_done()
+        if not self._hand_off():
+            self._maybe_done()
 
     def _pump(self) -> None:
         if self.target is None or self.writing or not self.queue or self.error is not None:
@@ -393,6 +435,70 @@ class UploadSink:
         self._pump()
         if self.queued <= self.low_water:
             self._resume()
+        if not self._hand_off():
+            self._maybe_done()
+
+    # -- direct mode: a thread reads the rest of the body off the socket ----------
+
+    def _hand_off(self) -> bool:
+        """Let ``direct`` move the rest of a large body straight from the socket
+        to the file, off the reactor (plain TCP, known length, nothing queued)."""
+        if (
+            self.direct is None or self.expected is None or self.writing or self.queue
+            or self.error is not None or self.ended or self.channel is None
+        ):
+            return False
+        remaining = self.expected - self.received
+        decoder = body_decoder(self.channel)
+        if remaining < DIRECT_MIN or getattr(decoder, "contentLength", None) != remaining:
+            return False
+        sock = plain_socket(self.channel)
+        if sock is None:
+            return False
+        started = self.direct(sock, remaining)
+        if started is None:
+            return False  # no thread free: stay on the reactor
+        self._pause()
+        self.writing = remaining
+        self.direct_runs += 1
+        saved_timeout = self.channel.setTimeout(None)
+        started.addBoth(self._direct_done, remaining, saved_timeout)
+        return True
+
+    def _direct_done(self, result: Any, remaining: int, saved_timeout: Any) -> None:
+        channel = self.channel
+        self.writing = 0
+        if isinstance(result, Failure):
+            consumed, written, error, eof, stopped = 0, 0, result, False, None
+        else:
+            consumed, written, eof, stopped = result.consumed, result.written, result.eof, result.stopped
+            error = Failure(result.error) if result.error is not None else None
+        self.received += consumed
+        self.written += written
+        if self.request is not None:
+            self.request.received_bytes = getattr(self.request, "received_bytes", 0) + consumed
+        if channel is None or channel.transport is None:
+            self._maybe_done()
+            return
+        channel.setTimeout(saved_timeout)
+        if error is not None:
+            if consumed:
+                consumed_elsewhere(channel, consumed)
+            self._fail(error)
+            return
+        if consumed == remaining:
+            self._resume()
+            consumed_elsewhere(channel, consumed)  # -> requestReceived -> body_received
+            self._maybe_done()
+            return
+        if consumed:
+            consumed_elsewhere(channel, consumed)
+        if eof or stopped:
+            # The client left or went idle (or we are stopping): end the connection.
+            channel.transport.loseConnection()
+            self.connection_lost()
+            return
+        self._resume()
         self._maybe_done()
 
     def _write_failed(self, failure: Failure) -> None:

@@ -52,7 +52,7 @@ def read_status(s: socket.socket) -> int:
 class Upload:
     def __init__(self, uploads: UploadFixture, index: int, rng: random.Random) -> None:
         self.relpath = f"r/{index:03d}.bin"
-        self.data = rng.randbytes(rng.randint(1, 256 << 10))
+        self.data = rng.randbytes(rng.randint(1, 1 << 20))  # bodies over 256 KiB take the socket-thread path
         self.token = uploads.token(self.relpath, len(self.data))
         self.done = False
 

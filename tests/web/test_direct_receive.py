@@ -1,0 +1,129 @@
+"""UploadWriter.receive: a body read straight off a socket into the staging
+file by a thread (splice, or recv_into + pwrite when hashing), over a real
+socketpair; and the twisted.web decoder attributes the hand-off relies on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.web.pages import notFound
+from twisted.web.server import Site
+
+from storage.uploads import create_upload, open_writer, read_state, staging_path
+from storage.web.streaming import body_decoder, consumed_elsewhere
+
+
+@pytest.fixture
+def writer(tmp_path: Path):
+    vfolder = tmp_path / "vf"
+    vfolder.mkdir()
+    create_upload(vfolder, "a" * 32, "f.bin", 3 << 20)
+    w = open_writer(vfolder, "a" * 32, 0)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def feed(sock: socket.socket, data: bytes, close: bool = False) -> threading.Thread:
+    def run() -> None:
+        sock.sendall(data)
+        if close:
+            sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
+def test_receive_moves_exactly_count_bytes_and_leaves_the_rest(writer, pair, hashed):
+    a, b = pair
+    body = os.urandom(2 << 20)
+    t = feed(b, body + b"NEXT REQUEST")
+    hasher = hashlib.sha256() if hashed else None
+    result = writer.receive(a, len(body), hasher)
+    t.join()
+    assert (result.consumed, result.written, result.eof, result.error) == (len(body), len(body), False, None)
+    assert writer.offset == len(body)
+    assert staging_path(writer.vfolder, writer.state.session).read_bytes() == body
+    if hashed:
+        assert hasher.digest() == hashlib.sha256(body).digest()
+    a.setblocking(True)
+    assert a.recv(100) == b"NEXT REQUEST"  # a pipelined request stays in the socket
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
+def test_receive_stops_at_end_of_stream_with_what_came(writer, pair, hashed):
+    a, b = pair
+    t = feed(b, b"x" * 1000, close=True)
+    result = writer.receive(a, 5000, hashlib.md5() if hashed else None)
+    t.join()
+    assert result.eof and result.consumed == 1000 and result.written == 1000
+    writer.commit()
+    assert read_state(writer.vfolder, writer.state.session).offset == 1000
+
+
+def test_receive_gives_up_when_told_to_stop(writer, pair):
+    a, _ = pair
+    result = writer.receive(a, 5000, None, should_stop=lambda: True)
+    assert result.stopped == "stopped" and result.consumed == 0
+
+
+def test_receive_gives_up_after_the_idle_timeout(writer, pair):
+    a, _ = pair
+    result = writer.receive(a, 5000, None, idle_timeout=0.5)
+    assert result.stopped == "idle"
+
+
+def test_receive_reports_a_full_disk_with_the_bytes_written_before(writer, pair, monkeypatch):
+    a, b = pair
+    real_splice = os.splice
+    calls = {"n": 0}
+
+    def failing_splice(src, dst, count, offset_src=None, offset_dst=None, flags=0):
+        if offset_dst is not None:
+            calls["n"] += 1
+            if calls["n"] > 1:
+                raise OSError(28, "No space left on device")
+        return real_splice(src, dst, min(count, 4096) if offset_dst is not None else count,
+                           offset_src=offset_src, offset_dst=offset_dst, flags=flags)
+
+    monkeypatch.setattr(os, "splice", failing_splice)
+    t = feed(b, b"y" * 100_000)
+    result = writer.receive(a, 100_000, None)
+    t.join()
+    assert result.error is not None and getattr(result.error, "status", None) == 507
+    assert result.written == 4096 == writer.offset
+    assert result.consumed >= result.written
+
+
+def test_decoder_attributes_used_by_the_hand_off():
+    site = Site(notFound())
+    wrapper = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+    wrapper.makeConnection(StringTransport())
+    channel = wrapper._channel
+    wrapper.dataReceived(b"PATCH /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    decoder = body_decoder(channel)
+    assert decoder.contentLength == 7
+    request = channel.requests[-1]
+    assert not consumed_elsewhere(channel, 4)  # 3 left: not complete
+    assert decoder.contentLength == 3
+    received = []
+    request.requestReceived = lambda *args: received.append(args)
+    assert consumed_elsewhere(channel, 3)
+    assert received and received[0][0] == b"PATCH"
