@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import poll_until, sleep
+from cephfs_support import poll_until, sleep
 from twisted.internet import defer, reactor
 
 from backends import backend_class

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from fake_flashblade import FakeFlashBlade
+from fake_flashblade import API_TOKEN, FakeFlashBlade
 from fake_rapidfile import install
 from twisted.internet import reactor, ssl
 from twisted.web.server import Site
-
-API_TOKEN = "T-7f3c2a"
 
 
 @pytest.fixture

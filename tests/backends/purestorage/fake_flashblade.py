@@ -17,6 +17,7 @@ from typing import Any
 
 from klein import Klein
 
+API_TOKEN = "T-7f3c2a"  # what the fixtures configure
 SUPPORTED_VERSIONS = {f"1.{n}" for n in range(13)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from conftest import API_TOKEN
+from fake_flashblade import API_TOKEN
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer

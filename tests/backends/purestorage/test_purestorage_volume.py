@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from conftest import API_TOKEN
+from fake_flashblade import API_TOKEN
 from fake_rapidfile import read_log
 from twisted.internet import defer, reactor
 
