@@ -58,8 +58,11 @@ class _Collector(ProcessProtocol):
         self.finished: Deferred[CommandResult] = Deferred(self._cancel)
         self.timer = None
 
+    def _transport(self) -> Any:
+        return self.transport  # an IProcessTransport once connected
+
     def connectionMade(self) -> None:
-        self.transport.closeStdin()
+        self._transport().closeStdin()
         if self.timeout is not None:
             self.timer = self.reactor.callLater(self.timeout, self._kill, CommandTimeout(self.argv, self.timeout))
 
@@ -80,7 +83,7 @@ class _Collector(ProcessProtocol):
         if self.abort_reason is None:
             self.abort_reason = reason
         try:
-            self.transport.signalProcess("KILL")
+            self._transport().signalProcess("KILL")
         except ProcessExitedAlready:
             pass
 
@@ -88,7 +91,7 @@ class _Collector(ProcessProtocol):
         # The Deferred already errbacked with CancelledError; just stop the child.
         self.abort_reason = self.abort_reason or Exception("cancelled")
         try:
-            self.transport.signalProcess("KILL")
+            self._transport().signalProcess("KILL")
         except ProcessExitedAlready:
             pass
 

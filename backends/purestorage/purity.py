@@ -102,7 +102,7 @@ class PurityClient:
         self._pool: HTTPConnectionPool | None = None
         if http_client is None:
             self._pool = HTTPConnectionPool(reactor, persistent=True)
-            agent = Agent(reactor, contextFactory=policy_for(ssl_verify), pool=self._pool)
+            agent: Any = Agent(reactor, contextFactory=policy_for(ssl_verify), pool=self._pool)
             http_client = treq.client.HTTPClient(agent)
         self.http = http_client
 
@@ -255,7 +255,8 @@ class PurityClient:
             raise PurityError(f"no file system named {fs_name!r} on the FlashBlade")
         first = items[0]
         try:
-            capacity = int((total or first).get("provisioned", first.get("provisioned")))
+            provisioned = (total or first).get("provisioned", first.get("provisioned"))
+            capacity = int(provisioned)  # type: ignore[arg-type]  # None is caught below
             used = int(first["space"]["total_physical"])
         except (KeyError, TypeError, ValueError):
             raise PurityError(f"unexpected file-systems record for {fs_name!r}") from None
