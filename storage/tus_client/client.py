@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
 
 from storage.tus_client.errors import (
     InvalidToken,
@@ -45,17 +46,32 @@ class _CancelFlag:
     cancelled = False
 
 
-def cancellable(make: Callable[[_CancelFlag], Coroutine[Any, Any, T]]) -> Deferred[T]:
-    """Run a coroutine as a Deferred whose ``cancel()`` also stops any retry."""
+def cancellable(reactor: Any, make: Callable[[_CancelFlag], Coroutine[Any, Any, T]]) -> Deferred[T]:
+    """Run a coroutine as a Deferred whose ``cancel()`` also stops any retry.
+
+    The returned Deferred fails with ``CancelledError`` at once; the request in
+    flight is cancelled on the next reactor turn, so that a cancel from inside
+    a progress callback (which may run in the middle of writing a body) does
+    not re-enter the HTTP machinery.
+    """
     flag = _CancelFlag()
     inner = Deferred.fromCoroutine(make(flag))
 
     def cancel(_: Deferred[T]) -> None:
         flag.cancelled = True
-        inner.cancel()
+        reactor.callLater(0, inner.cancel)
 
     outer: Deferred[T] = Deferred(cancel)
-    inner.chainDeferred(outer)
+
+    def forward(result: Any) -> None:
+        # after a cancel the outer Deferred has already failed with CancelledError
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+    inner.addBoth(forward)
     return outer
 
 
@@ -111,7 +127,7 @@ class TusClient:
         otherwise, if the server offers ``creation``, a new upload is POSTed.
         ``create=True`` always POSTs, ``create=False`` never does.
         """
-        return cancellable(lambda flag: self._upload(
+        return cancellable(self.reactor, lambda flag: self._upload(
             flag, url, data, size, metadata, create, on_progress))
 
     def resume(self, url: str, data: Any, *, size: int | None = None,
@@ -120,8 +136,9 @@ class TusClient:
         return self.upload(url, data, size=size, create=False, on_progress=on_progress)
 
     def terminate(self, url: str) -> Deferred[None]:
-        """DELETE the upload (tus termination)."""
-        return Deferred.fromCoroutine(self.endpoint.delete(url))
+        """DELETE the upload (tus termination), retrying like the upload does
+        (a server may still hold the upload briefly after a cancelled PATCH: 423)."""
+        return cancellable(self.reactor, lambda flag: self._retrying(flag, self.endpoint.delete, url))
 
     def server_info(self, url: str) -> Deferred[ServerInfo]:
         return Deferred.fromCoroutine(self._server_info(url))
@@ -266,10 +283,14 @@ class TusClient:
 
     async def _create_retrying(self, flag: _CancelFlag, url: str, length: int,
                                concat: str) -> tuple[str, str]:
+        return await self._retrying(flag, self.endpoint.create, url, length, None, concat=concat)
+
+    async def _retrying(self, flag: _CancelFlag, request: Callable[..., Any], *args: Any,
+                        **kwargs: Any) -> Any:
         failures = 0
         while True:
             try:
-                return await self.endpoint.create(url, length, None, concat=concat)
+                return await request(*args, **kwargs)
             except TusError as err:
                 failures += 1
                 if flag.cancelled or not err.retryable or failures > self.retry.retries:
