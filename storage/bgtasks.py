@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,11 +77,11 @@ class BackgroundTaskRegistry:
         self.max_finished = max_finished
         self._tasks: OrderedDict[uuid.UUID, BackgroundTask] = OrderedDict()
 
-    def start(self, name: str, fn: Callable[[Progress], Awaitable[Any]], **context: Any) -> BackgroundTask:
+    def start(self, name: str, fn: Callable[[Progress], Coroutine[Any, Any, Any]], **context: Any) -> BackgroundTask:
         task = BackgroundTask(uuid.uuid4(), name)
         self._tasks[task.task_id] = task
         self._prune()
-        d = ensureDeferred(fn(task.progress))
+        d: Deferred[Any] = ensureDeferred(fn(task.progress))
         task.deferred = d
 
         def done(result: Any) -> None:

@@ -22,7 +22,7 @@ T = TypeVar("T")
 class BlockingPool(Service):
     """A ``ThreadPool`` owned by a service: started first, stopped last."""
 
-    name = "blocking-pool"
+    name: str | None = "blocking-pool"  # type: ignore[assignment]
 
     def __init__(self, reactor: IReactorFromThreads, max_threads: int = 16) -> None:
         self.reactor = reactor

@@ -196,12 +196,12 @@ def _service_addr(table: dict[str, Any], key: str, default: ServiceAddr) -> Serv
     if not isinstance(host, str) or not host:
         raise ConfigError(key + ".host", f"expected a host name or address, got {host!r}")
     try:
-        port = int(port)
+        port_number = int(port)
     except (TypeError, ValueError):
         raise ConfigError(key + ".port", f"expected a port number, got {port!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(key + ".port", f"must be between 0 and 65535, got {port}")
-    return ServiceAddr(host, port)
+    if not 0 <= port_number <= 65535:
+        raise ConfigError(key + ".port", f"must be between 0 and 65535, got {port_number}")
+    return ServiceAddr(host, port_number)
 
 
 def _api(root: dict[str, Any], name: str, default_port: int, with_secret: bool) -> APIConfig:

@@ -80,7 +80,7 @@ class APIListener(Service):
     """Binds in ``privilegedStartService`` (before privileges drop); fails fast."""
 
     def __init__(self, label: str, description: str, site: StorageSite, reactor: Any, grace: float):
-        self.name = f"{label}-listener"
+        self.name = f"{label}-listener"  # type: ignore[assignment]
         self.label = label
         self.description = description
         self.site = site

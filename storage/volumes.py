@@ -13,7 +13,7 @@ from storage.errors import InvalidVolume
 
 
 class VolumeRegistry(MultiService):
-    name = "volumes"
+    name: str | None = "volumes"  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__()
@@ -27,7 +27,7 @@ class VolumeRegistry(MultiService):
         return registry
 
     def add(self, volume: AbstractVolume) -> None:
-        self.volumes[volume.name] = volume
+        self.volumes[volume.config.name] = volume
         volume.setServiceParent(self)
 
     def get(self, name: Any) -> AbstractVolume:

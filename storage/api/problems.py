@@ -53,7 +53,7 @@ def handle_storage_error(request: IRequest, failure: Failure) -> bytes:
     exc = failure.value
     assert isinstance(exc, StorageError)
     if exc.status >= 500:
-        log.failure("{method} {path} (volume {volume}) failed", failure, **_describe(request))
+        log.failure("{method} {path} (volume {volume}) failed", failure, **_describe(request))  # type: ignore[arg-type]
     return problem_for(request, exc)
 
 
@@ -62,8 +62,9 @@ def handle_http_exception(request: IRequest, failure: Failure) -> bytes:
     assert isinstance(exc, HTTPException)
     code = exc.code or 500
     slug = {404: "not-found", 405: "method-not-allowed"}.get(code, "http-error")
-    if code == 405 and getattr(exc, "valid_methods", None):
-        request.setHeader(b"Allow", ", ".join(exc.valid_methods).encode())
+    valid_methods = getattr(exc, "valid_methods", None)
+    if code == 405 and valid_methods:
+        request.setHeader(b"Allow", ", ".join(valid_methods).encode())
     return problem(request, code, {"type": PROBLEM_BASE + slug, "title": exc.name})
 
 
@@ -71,7 +72,7 @@ def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
     if failure.check(CancelledError):
         # The client went away and Klein cancelled the handler: nobody to answer.
         return None
-    log.failure("{method} {path} (volume {volume}): unexpected error", failure, **_describe(request))
+    log.failure("{method} {path} (volume {volume}): unexpected error", failure, **_describe(request))  # type: ignore[arg-type]
     return problem(
         request,
         500,
