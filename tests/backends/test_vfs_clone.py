@@ -175,3 +175,21 @@ async def test_failure_removes_the_partial_copy(volume: VfsVolume, source: VFold
     dst_path = volume.vfolder_path(dst)
     assert not dst_path.exists()
     assert not dst_path.parent.exists()  # the h[2:4] dir made for it is pruned too
+
+
+@ensure
+async def test_cancel_inside_a_large_file(volume: VfsVolume, source: VFolderID, new_vfid, monkeypatch) -> None:
+    monkeypatch.setattr(treeops, "COPY_CHUNK", 1 << 20)
+
+    class CancelMidFile(Progress):
+        def check(self) -> None:
+            if self.current >= 1 << 20:
+                self.cancelled = True
+            super().check()
+
+    progress = CancelMidFile()
+    dst = new_vfid()
+    with pytest.raises(TaskCancelled):
+        await volume.clone_vfolder(source, volume, dst, progress)
+    assert 1 << 20 <= progress.current < 3 << 20  # stopped within big.bin (3 MiB)
+    assert not volume.vfolder_path(dst).exists()
