@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 
 from storage.cli.disposition import choose_filename
 from storage.cli.progress import ProgressDisplay
@@ -60,6 +61,8 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
 
 class BodyToFile(Protocol):
     """Writes a response body at ``position`` of ``fd`` with one write in flight."""
+
+    transport: Any  # the response's producer: pause/resume/stopProducing
 
     def __init__(self, fd: int, position: int, on_bytes: Callable[[int], None]) -> None:
         self.fd = fd
@@ -124,6 +127,8 @@ class BodyToFile(Protocol):
 
 
 class _Discard(Protocol):
+    transport: Any
+
     def __init__(self) -> None:
         self.done: Deferred[None] = Deferred()
 
@@ -183,8 +188,8 @@ class Downloader:
 
     async def _get(self, headers: dict[str, str]) -> Any:
         try:
-            return await self.http.get(self.url, headers={k: [v] for k, v in headers.items()},
-                                       unbuffered=True)
+            return await self.http.get(
+                self.url, headers=Headers({k: [v] for k, v in headers.items()}), unbuffered=True)
         except NETWORK_ERRORS as exc:
             raise ConnectionFailed(f"GET {self.url}: {exc}", url=self.url) from exc
 
@@ -288,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
 
     async def operation(reactor: Any) -> None:
         display = ProgressDisplay(sys.stderr, "download", sys.stderr.isatty(), reactor.seconds)
-        last = {"sent": 0, "total": None, "rate": 0.0}
+        last: dict[str, Any] = {"sent": 0, "total": None, "rate": 0.0}
 
         def on_progress(sent: int, total: int | None, rate: float) -> None:
             last.update(sent=sent, total=total, rate=rate or last["rate"])

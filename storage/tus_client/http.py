@@ -99,8 +99,8 @@ class HttpEndpoint:
             timed_out.append(True)
             pending.cancel()
 
-        pending = self.http.request(
-            method, url, headers={k: [v] for k, v in headers.items()}, data=data,
+        pending: Any = self.http.request(
+            method, url, headers=Headers({k: [v] for k, v in headers.items()}), data=data,
             allow_redirects=False)
         timer = self.reactor.callLater(timeout, on_timeout) if timeout else None
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ import pytest
 import pytest_twisted
 from fake_download_server import FakeDownloadServer
 from fake_tus_server import Drop, Status
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
 import storage
@@ -222,3 +226,47 @@ async def test_download_404_exit_1(downloads, tmp_path):
 async def test_download_usage_exit_2():
     out, err, code = await run_cli("download")
     assert code == 2 and "usage:" in err
+
+
+@ensure
+async def test_upload_draws_a_bar_on_a_terminal(fake, payload_file, reactor):
+    """stderr on a pseudo-terminal: the bar is redrawn in place with rate and ETA."""
+    path, data = payload_file(2_000_000)
+    url = fake.precreate(len(data))
+    master, slave = pty.openpty()
+    done: Deferred = Deferred()
+    chunks: list[bytes] = []
+
+    class Child(ProcessProtocol):
+        def processEnded(self, reason):
+            done.callback(reason.value.exitCode)
+
+    def drain(_fd, _events=None):
+        try:
+            while True:
+                piece = os.read(master, 65536)
+                if not piece:
+                    break
+                chunks.append(piece)
+        except (BlockingIOError, OSError):
+            pass
+
+    os.set_blocking(master, False)
+    reader = LoopingCall(drain, master)
+    reader.start(0.02)
+    try:
+        reactor.spawnProcess(
+            Child(), sys.executable,
+            [sys.executable, "-m", "storage.cli.upload", url, str(path), "--chunk-size", "200k"],
+            env=cli_env(), childFDs={0: "w", 1: "r", 2: slave})
+        code = await done
+    finally:
+        reader.stop()
+        drain(master)
+        os.close(slave)
+        os.close(master)
+    text = b"".join(chunks).decode(errors="replace")
+    assert code == 0, text
+    assert fake.data(url) == data
+    assert "\r" in text and "ETA" in text and "/s" in text
+    assert "100.0%" in text and "uploaded 2000000 bytes" in text
