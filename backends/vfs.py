@@ -461,7 +461,7 @@ class VfsVolume(AbstractVolume):
     async def _tree_usage(self, vfid: VFolderID, relpath: str) -> TreeUsage:
         validate_relpath(relpath)
         target = await self.pool.run(self._usage_target, vfid, relpath)
-        return await self.usage_cache.get(target)
+        return await self.usage_cache.get(target, beneath=self.vfolder_path(vfid))
 
     def _usage_target(self, vfid: VFolderID, relpath: str) -> Path:
         real = self._real_vfolder(vfid)

@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .paths import walk_tree
+from .paths import open_dir_beneath, open_root, walk_tree
 
 log = Logger()
 
@@ -76,14 +76,26 @@ def walk_usage(
     deadline: float | None = None,
     stop: threading.Event | None = None,
     clock: Callable[[], float] = time.monotonic,
+    beneath: Path | str | None = None,
 ) -> TreeUsage:
     """Walk ``path`` (blocking: call it from the pool).
 
-    Raises ``UsageWalkAborted`` past ``deadline`` (a ``clock()`` value) or
-    when ``stop`` is set, and OSError if ``path`` itself cannot be opened.
+    With ``beneath`` (a directory holding ``path``, e.g. the vfolder), the
+    part of ``path`` below it is opened without following any symlink, so a
+    directory swapped for a symlink since the caller resolved ``path`` is
+    refused (ELOOP) instead of walked.  Raises ``UsageWalkAborted`` past
+    ``deadline`` (a ``clock()`` value) or when ``stop`` is set, and OSError
+    if ``path`` itself cannot be opened.
     """
     started = clock()
-    root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if beneath is None:
+        root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        base_fd = open_root(beneath)
+        try:
+            root_fd = open_dir_beneath(base_fd, os.path.relpath(path, beneath))
+        finally:
+            os.close(base_fd)
     count = 0
     apparent = 0
     allocated = os.fstat(root_fd).st_blocks * 512
@@ -156,6 +168,7 @@ class UsageCache:
         ttl: float = 10.0,
         max_walk: float = 600.0,
         concurrency: int = 4,
+        max_entries: int = 10000,
         walker: Callable[..., TreeUsage] = walk_usage,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -164,6 +177,7 @@ class UsageCache:
         self.timeout = timeout
         self.ttl = ttl
         self.max_walk = max_walk
+        self.max_entries = max_entries
         self._walker = walker
         self._clock = clock
         self._cache: dict[str, _Entry] = {}
@@ -192,12 +206,15 @@ class UsageCache:
                 self._cache.pop(key, None)
                 self._generation[key] = self._generation.get(key, 0) + 1
 
-    async def get(self, path: Path | str) -> TreeUsage:
+    async def get(self, path: Path | str, *, beneath: Path | str | None = None) -> TreeUsage:
+        """The usage of ``path`` (see the module docstring); ``beneath`` is passed
+        to the walker (``walk_usage``: open ``path`` without following symlinks
+        below it)."""
         key = str(path)
         entry = self._cache.get(key)
         if entry is not None and self._clock() - entry.stored_at < self.ttl:
             return entry.usage
-        result = await self._wait(key)
+        result = await self._wait(key, beneath)
         if result is not None:
             return result
         entry = self._cache.get(key)
@@ -212,11 +229,21 @@ class UsageCache:
                  path=key, timeout=self.timeout)
         return TreeUsage.too_many()
 
-    def _wait(self, key: str) -> Deferred[TreeUsage | None]:
+    def _store(self, key: str, usage: TreeUsage) -> None:
+        # Newest last; past max_entries the oldest results (the least useful
+        # even as a stale answer) are forgotten.
+        self._cache.pop(key, None)
+        self._cache[key] = _Entry(usage, self._clock())
+        while len(self._cache) > self.max_entries:
+            del self._cache[next(iter(self._cache))]
+        if len(self._generation) > 4 * self.max_entries:
+            self._generation = {k: v for k, v in self._generation.items() if k in self._inflight}
+
+    def _wait(self, key: str, beneath: Path | str | None = None) -> Deferred[TreeUsage | None]:
         """Join (or start) the walk of ``key``; None if it is not done within ``timeout``."""
         walk = self._inflight.get(key)
         if walk is None:
-            walk = self._start_walk(key)
+            walk = self._start_walk(key, beneath)
         waiter: Deferred[TreeUsage | None] = Deferred()
         walk.waiters.append(waiter)
 
@@ -229,13 +256,14 @@ class UsageCache:
         waiter.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return waiter
 
-    def _start_walk(self, key: str) -> _Walk:
+    def _start_walk(self, key: str, beneath: Path | str | None) -> _Walk:
         walk = _Walk(self._generation.get(key, 0), [])
         self._inflight[key] = walk
 
         def run_walk() -> Deferred[TreeUsage]:
             deadline = self._clock() + self.max_walk
-            return self._run(self._walker, key, deadline=deadline, stop=self._stop, clock=self._clock)
+            extra = {} if beneath is None else {"beneath": beneath}
+            return self._run(self._walker, key, deadline=deadline, stop=self._stop, clock=self._clock, **extra)
 
         def finish(result: Any) -> None:
             if self._inflight.get(key) is walk:
@@ -244,7 +272,7 @@ class UsageCache:
                 log.warn("usage walk of {path} aborted: {why}", path=key, why=result.value)
                 result = TreeUsage.too_many()
             elif not isinstance(result, Failure) and self._generation.get(key, 0) == walk.generation:
-                self._cache[key] = _Entry(result, self._clock())
+                self._store(key, result)
             waiters, walk.waiters = walk.waiters, []
             for waiter in waiters:
                 if isinstance(result, Failure):

@@ -6,6 +6,7 @@ simulated by a walker that blocks on an Event the test releases.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
@@ -260,3 +261,26 @@ async def test_walk_errors_reach_the_caller(blocking_pool, tmp_path: Path) -> No
     cache = UsageCache(blocking_pool.run, reactor.callLater, timeout=30)
     with pytest.raises(FileNotFoundError):
         await cache.get(tmp_path / "missing")
+
+
+@ensure
+async def test_the_cache_is_bounded(blocking_pool) -> None:
+    walker = GatedWalker()
+    walker.gate.set()
+    cache = make_cache(blocking_pool, walker, timeout=30, ttl=3600, max_entries=3)
+    for i in range(5):
+        await cache.get(f"/t{i}")
+    assert [cache.cached(f"/t{i}") is not None for i in range(5)] == [False, False, True, True, True]
+
+
+def test_walk_beneath_refuses_a_symlink_planted_after_resolution(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"s" * 100)
+    root = tmp_path / "vfolder"
+    (root / "real").mkdir(parents=True)
+    assert walk_usage(root / "real", beneath=root).file_count == 0
+    (root / "real").rmdir()
+    os.symlink(tmp_path / "outside", root / "real")  # swapped after the caller resolved "real"
+    with pytest.raises(OSError) as exc:
+        walk_usage(root / "real", beneath=root)
+    assert exc.value.errno == errno.ELOOP
