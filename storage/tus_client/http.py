@@ -7,6 +7,7 @@ failures become ``ConnectionFailed``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urljoin
@@ -80,7 +81,7 @@ class HttpEndpoint:
         self.pool.retryAutomatically = False  # retries are ours, with a fresh HEAD
         self.http = HTTPClient(Agent(reactor, pool=self.pool, connectTimeout=connect_timeout))
         self.extra_headers = dict(extra_headers or {})
-        self.timeout = timeout  # for requests without a big body
+        self.timeout = timeout  # longest silence: no byte sent, no answer
         self.piece_size = piece_size
 
     async def close(self) -> None:
@@ -92,37 +93,32 @@ class HttpEndpoint:
         return headers
 
     async def _request(self, method: str, url: str, headers: Mapping[str, str],
-                       data: Any = None, timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:
-        timed_out = []
-
-        def on_timeout() -> None:
-            timed_out.append(True)
-            pending.cancel()
-
+                       data: Any = None, watchdog: Watchdog | None = None,
+                       ) -> tuple[int, dict[str, str], bytes]:
+        watchdog = watchdog or Watchdog(self.reactor, self.timeout)
         pending: Any = self.http.request(
             method, url, headers=Headers({k: [v] for k, v in headers.items()}), data=data,
             allow_redirects=False)
-        timer = self.reactor.callLater(timeout, on_timeout) if timeout else None
+        where = f"{method} {redact(url)}"
+        watchdog.watch(pending)
         try:
             response = await pending
             pending = response.content()
+            watchdog.watch(pending)
             body = await pending
         except CancelledError:
-            if timed_out:
-                raise ConnectionFailed(f"{method} {url}: no answer within {timeout}s",
-                                       url=url) from None
+            if watchdog.fired:
+                raise ConnectionFailed(f"{where}: stalled for {self.timeout}s", url=url) from None
             raise
         except NETWORK_ERRORS as exc:
             inner = _unwrap_network_error(exc)
-            if isinstance(inner, CancelledError) and timed_out:
-                raise ConnectionFailed(f"{method} {url}: no answer within {timeout}s",
-                                       url=url) from exc
+            if isinstance(inner, CancelledError) and watchdog.fired:
+                raise ConnectionFailed(f"{where}: stalled for {self.timeout}s", url=url) from exc
             if isinstance(inner, (TusError, CancelledError)):
                 raise inner from exc
-            raise ConnectionFailed(f"{method} {url}: {_describe(exc)}", url=url) from exc
+            raise ConnectionFailed(f"{where}: {_describe(exc)}", url=url) from exc
         finally:
-            if timer is not None and timer.active():
-                timer.cancel()
+            watchdog.stop()
         return response.code, _single_headers(response.headers), body
 
     def _raise_for_status(self, status: int, headers: dict[str, str], body: bytes,
@@ -135,15 +131,13 @@ class HttpEndpoint:
     async def options(self, url: str) -> ServerInfo:
         """What the server advertises; empty when it does not answer OPTIONS."""
         headers = dict(self.extra_headers)
-        status, response_headers, body = await self._request("OPTIONS", url, headers,
-                                                             timeout=self.timeout)
+        status, response_headers, body = await self._request("OPTIONS", url, headers)
         if not 200 <= status < 300:
             return ServerInfo(headers=response_headers)
         return ServerInfo.from_headers(response_headers)
 
     async def head(self, url: str) -> UploadStatus:
-        status, headers, body = await self._request(
-            "HEAD", url, self._headers(), timeout=self.timeout)
+        status, headers, body = await self._request("HEAD", url, self._headers())
         self._raise_for_status(status, headers, body, url)
         lowered = {k.lower(): v for k, v in headers.items()}
         return UploadStatus(
@@ -159,8 +153,15 @@ class HttpEndpoint:
                                 Content_Type="application/offset+octet-stream")
         if checksum is not None:
             headers["Upload-Checksum"] = checksum_header(*checksum)
-        producer = RangeBodyProducer(source, start, end, on_bytes, self.piece_size)
-        status, response_headers, body = await self._request("PATCH", url, headers, producer)
+        watchdog = Watchdog(self.reactor, self.timeout)
+
+        def sent(count: int) -> None:
+            watchdog.reset()  # a big body may take long: only a stall is a failure
+            on_bytes(count)
+
+        producer = RangeBodyProducer(source, start, end, sent, self.piece_size)
+        status, response_headers, body = await self._request("PATCH", url, headers, producer,
+                                                             watchdog)
         self._raise_for_status(status, response_headers, body, url)
         raw = {k.lower(): v for k, v in response_headers.items()}.get("upload-offset")
         new_offset = parse_offset(raw)
@@ -181,8 +182,7 @@ class HttpEndpoint:
             headers["Upload-Metadata"] = encode_metadata(metadata)
         if concat is not None:
             headers["Upload-Concat"] = concat
-        status, response_headers, body = await self._request(
-            "POST", url, headers, timeout=self.timeout)
+        status, response_headers, body = await self._request("POST", url, headers)
         self._raise_for_status(status, response_headers, body, url)
         location = {k.lower(): v for k, v in response_headers.items()}.get("location")
         if not location:
@@ -196,9 +196,42 @@ class HttpEndpoint:
                                  concat="final;" + " ".join(partial_locations))
 
     async def delete(self, url: str) -> None:
-        status, headers, body = await self._request(
-            "DELETE", url, self._headers(), timeout=self.timeout)
+        status, headers, body = await self._request("DELETE", url, self._headers())
         self._raise_for_status(status, headers, body, url)
+
+
+class Watchdog:
+    """Cancels the request it watches after ``timeout`` seconds without ``reset()``."""
+
+    def __init__(self, reactor: Any, timeout: float | None) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+        self.fired = False
+        self.pending: Any = None
+        self.call: Any = None
+
+    def watch(self, pending: Any) -> None:
+        self.pending = pending
+        if self.timeout and self.call is None:
+            self.call = self.reactor.callLater(self.timeout, self._fire)
+
+    def reset(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.reset(self.timeout)
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def stop(self) -> None:
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+
+
+def redact(url: str) -> str:
+    """The URL without its token (for messages and logs)."""
+    return re.sub(r"(token=)[^&]+", r"\1…", url)
 
 
 def _describe(exc: BaseException) -> str:
