@@ -12,7 +12,7 @@ import pytest_twisted
 from fake_download_server import FakeDownloadServer
 from fake_tus_server import Drop, Status
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
@@ -270,3 +270,39 @@ async def test_upload_draws_a_bar_on_a_terminal(fake, payload_file, reactor):
     assert fake.data(url) == data
     assert "\r" in text and "ETA" in text and "/s" in text
     assert "100.0%" in text and "uploaded 2000000 bytes" in text
+
+
+@ensure
+async def test_upload_interrupted_exit_1(payload_file, reactor):
+    """Ctrl-C (SIGINT) cancels the upload: exit 1 and a hint to run it again."""
+    path, _ = payload_file(1000)
+    reached: Deferred = Deferred()
+
+    class Silent(Protocol):  # accepts the request and never answers
+        def connectionMade(self):
+            if not reached.called:
+                reached.callback(None)
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+    done: Deferred = Deferred()
+    err: list[bytes] = []
+
+    class Child(ProcessProtocol):
+        def errReceived(self, data):
+            err.append(data)
+
+        def processEnded(self, reason):
+            done.callback(reason.value.exitCode)
+
+    url = f"http://127.0.0.1:{port.getHost().port}/upload?token=t"
+    process = reactor.spawnProcess(
+        Child(), sys.executable, [sys.executable, "-m", "storage.cli.upload", url, str(path)],
+        env=cli_env())
+    try:
+        await reached
+        process.signalProcess("INT")
+        code = await done
+    finally:
+        await port.stopListening()
+    assert code == 1
+    assert b"upload failed: interrupted" in b"".join(err)
