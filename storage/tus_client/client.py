@@ -19,6 +19,7 @@ from storage.tus_client.errors import (
     UnsupportedByServer,
     UploadLengthMismatch,
     UploadNotFound,
+    UploadTooLarge,
     has_token,
 )
 from storage.tus_client.headers import ServerInfo
@@ -213,7 +214,7 @@ class TusClient:
         size = source.size
         info = await self._server_info(url)
         if info.max_size is not None and size > info.max_size:
-            raise UnsupportedByServer(
+            raise UploadTooLarge(
                 f"{size} bytes exceed the server's Tus-Max-Size {info.max_size}", url=url)
         algorithm = self._choose_checksum(info, source)
         tracker = ProgressTracker(size, on_progress, self.reactor.seconds)

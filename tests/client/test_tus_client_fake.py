@@ -165,7 +165,7 @@ async def test_413_on_creation(fake_factory, make_client):
 @ensure
 async def test_max_size_is_checked_before_sending(fake_factory, make_client):
     fake = fake_factory(max_size=10)
-    with pytest.raises(UnsupportedByServer):
+    with pytest.raises(UploadTooLarge):
         await make_client().upload(fake.creation_url, b"a" * 100)
     assert not fake.patches
 
