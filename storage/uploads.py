@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import select
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -254,6 +255,54 @@ async def prepare_upload(
 # -- writing ----------------------------------------------------------------------
 
 
+class _SocketWaiter:
+    """Waits, in a pool thread, until a socket holds a worthwhile amount of body.
+
+    ``SO_RCVLOWAT`` makes the socket readable only once 256 KiB (or the rest
+    of the body) are queued, so a thread wakes, and takes the GIL, a few
+    times per MiB rather than once per packet: with dozens of uploads at
+    once this keeps the reactor thread's GIL waits short.
+    """
+
+    LOW_WATER = 256 << 10
+
+    def __init__(self, sock: Any, count: int, should_stop: Any, idle_timeout: float) -> None:
+        self.sock = sock
+        self.should_stop = should_stop
+        self.idle_timeout = idle_timeout
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        self.lowat = 1
+        self._set_lowat(min(self.LOW_WATER, count))
+
+    def _set_lowat(self, value: int) -> None:
+        value = max(1, value)
+        if value != self.lowat:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+                self.lowat = value
+            except OSError:
+                pass
+
+    def wait(self, remaining: int) -> str | None:
+        """None once readable; "stopped" or "idle" to give up."""
+        self._set_lowat(min(self.LOW_WATER, remaining))
+        waited = 0.0
+        while True:
+            if self.should_stop is not None and self.should_stop():
+                return "stopped"
+            if self.poller.poll(500):
+                return None
+            # A slow sender: take whatever is there rather than wait for more.
+            self._set_lowat(1)
+            waited += 0.5
+            if waited >= self.idle_timeout:
+                return "idle"
+
+    def close(self) -> None:
+        self._set_lowat(1)  # the reactor reads this socket again
+
+
 @dataclass
 class Received:
     """What ``UploadWriter.receive`` did: bytes taken from the socket, bytes
@@ -310,37 +359,26 @@ class UploadWriter:
         if self.offset + count > self.state.length:
             raise AssertionError("the body length is checked against Upload-Length before this")
         start = self.offset
-        if hasher is None and hasattr(os, "splice"):
-            result = self._receive_spliced(sock, count, should_stop, idle_timeout)
-        else:
-            result = self._receive_copied(sock, count, hasher, should_stop, idle_timeout)
+        waiter = _SocketWaiter(sock, count, should_stop, idle_timeout)
+        try:
+            if hasher is None and hasattr(os, "splice"):
+                result = self._receive_spliced(sock, count, waiter)
+            else:
+                result = self._receive_copied(sock, count, hasher, waiter)
+        finally:
+            waiter.close()
         result.written = self.offset - start
         return result
 
-    def _wait_readable(self, fd: int, should_stop: Any, idle_timeout: float) -> str | None:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        waited = 0.0
-        while True:
-            if should_stop is not None and should_stop():
-                return "stopped"
-            if poller.poll(500):
-                return None
-            waited += 0.5
-            if waited >= idle_timeout:
-                return "idle"
-
-    def _receive_copied(self, sock: Any, count: int, hasher: Any, should_stop: Any,
-                        idle_timeout: float) -> Received:
+    def _receive_copied(self, sock: Any, count: int, hasher: Any, waiter: _SocketWaiter) -> Received:
         result = Received()
         buf = memoryview(bytearray(min(count, 1 << 20) or 1))
-        fd = sock.fileno()
         try:
             while result.consumed < count:
                 try:
                     n = sock.recv_into(buf[: min(len(buf), count - result.consumed)])
                 except (BlockingIOError, InterruptedError):
-                    result.stopped = self._wait_readable(fd, should_stop, idle_timeout)
+                    result.stopped = waiter.wait(count - result.consumed)
                     if result.stopped:
                         return result
                     continue
@@ -355,7 +393,7 @@ class UploadWriter:
             result.error = exc
         return result
 
-    def _receive_spliced(self, sock: Any, count: int, should_stop: Any, idle_timeout: float) -> Received:
+    def _receive_spliced(self, sock: Any, count: int, waiter: _SocketWaiter) -> Received:
         result = Received()
         fd = sock.fileno()
         r, w = os.pipe2(os.O_CLOEXEC)
@@ -368,7 +406,7 @@ class UploadWriter:
                 try:
                     n = os.splice(fd, w, count - result.consumed, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
                 except (BlockingIOError, InterruptedError):
-                    result.stopped = self._wait_readable(fd, should_stop, idle_timeout)
+                    result.stopped = waiter.wait(count - result.consumed)
                     if result.stopped:
                         return result
                     continue

@@ -327,6 +327,7 @@ class UploadSink:
         self.direct = direct
         self.request = request
         self.direct_runs = 0
+        self.handoff_pending = False
         self.limit = limit
         self.too_long = too_long
         self.high_water = high_water
@@ -400,7 +401,7 @@ class UploadSink:
             self.paused = True
 
     def _resume(self) -> None:
-        if not self.paused:
+        if not self.paused or self.handoff_pending:
             return
         self.paused = False
         if self.channel is not None and self.channel.transport is not None:
@@ -410,11 +411,13 @@ class UploadSink:
         if self.error is not None:
             return
         self.target = target
+        self.handoff_pending = self._wants_direct()
         self._pump()
+        if self._hand_off():
+            return
         if self.queued <= self.low_water:
             self._resume()
-        if not self._hand_off():
-            self._maybe_done()
+        self._maybe_done()
 
     def _pump(self) -> None:
         if self.target is None or self.writing or not self.queue or self.error is not None:
@@ -433,32 +436,41 @@ class UploadSink:
         self.written += n
         self.writing = 0
         self._pump()
+        if self._hand_off():
+            return
         if self.queued <= self.low_water:
             self._resume()
-        if not self._hand_off():
-            self._maybe_done()
+        self._maybe_done()
 
     # -- direct mode: a thread reads the rest of the body off the socket ----------
 
+    def _wants_direct(self) -> bool:
+        return (
+            self.direct is not None and self.expected is not None and self.error is None
+            and not self.ended and self.channel is not None
+            and self.expected - self.received >= DIRECT_MIN and plain_socket(self.channel) is not None
+        )
+
     def _hand_off(self) -> bool:
         """Let ``direct`` move the rest of a large body straight from the socket
-        to the file, off the reactor (plain TCP, known length, nothing queued)."""
-        if (
-            self.direct is None or self.expected is None or self.writing or self.queue
-            or self.error is not None or self.ended or self.channel is None
-        ):
+        to the file, off the reactor (plain TCP, known length).  The socket
+        stays paused until what the reactor already read is written.  True
+        while that is pending or the thread runs."""
+        if not self.handoff_pending:
+            return False
+        if self.writing or self.queue:
+            return True  # drain first; reading stays paused
+        self.handoff_pending = False
+        if self.error is not None or self.ended or self.channel is None or self.expected is None:
             return False
         remaining = self.expected - self.received
         decoder = body_decoder(self.channel)
-        if remaining < DIRECT_MIN or getattr(decoder, "contentLength", None) != remaining:
-            return False
         sock = plain_socket(self.channel)
-        if sock is None:
+        if remaining <= 0 or getattr(decoder, "contentLength", None) != remaining or sock is None:
             return False
-        started = self.direct(sock, remaining)
+        started = self.direct(sock, remaining) if self.direct is not None else None
         if started is None:
             return False  # no thread free: stay on the reactor
-        self._pause()
         self.writing = remaining
         self.direct_runs += 1
         saved_timeout = self.channel.setTimeout(None)
@@ -508,6 +520,7 @@ class UploadSink:
     def _fail(self, failure: Failure) -> None:
         if self.error is None:
             self.error = failure
+            self.handoff_pending = False
             self.queue.clear()
             self.queued = 0
             # Read (and drop) the rest: the request answers when it decides to.
