@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 PACKAGES = {"@tus/server": "2.4.5", "@tus/file-store": "2.1.1"}
@@ -32,12 +33,24 @@ class NodeUnavailable(Exception):
 
 
 def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "storage-proxy-tests" / "tus-node"
-    return Path(os.environ.get("STORAGE_PROXY_NODE_CACHE", default))
+    if os.environ.get("STORAGE_PROXY_NODE_CACHE"):
+        return Path(os.environ["STORAGE_PROXY_NODE_CACHE"])
+    try:
+        base = Path.home() / ".cache"
+    except (RuntimeError, KeyError):
+        base = Path(tempfile.gettempdir())
+    return base / "storage-proxy-tests" / "tus-node"
 
 
 def install() -> Path:
     """Install the pinned packages (once) and the server script; returns the dir."""
+    try:
+        return _install()
+    except (OSError, subprocess.TimeoutExpired, ValueError) as exc:
+        raise NodeUnavailable(f"cannot install @tus/server: {exc}") from exc
+
+
+def _install() -> Path:
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         raise NodeUnavailable("node and npm are not installed")

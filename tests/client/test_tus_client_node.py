@@ -12,7 +12,7 @@ from dropping_proxy import DroppingProxy
 from node_tus_server import NodeTusServer, NodeUnavailable, install
 from twisted.internet.defer import CancelledError
 
-from storage.tus_client import UnsupportedByServer, UploadNotFound
+from storage.tus_client import RetryPolicy, UnsupportedByServer, UploadNotFound
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -35,6 +35,18 @@ def node_tus(node_install, tmp_path) -> Iterator[NodeTusServer]:
         pytest.skip(str(exc))
     yield server
     server.stop()
+
+
+PATIENT = RetryPolicy(retries=10, base_delay=0.05, max_delay=1.0)
+
+
+@pytest.fixture
+def make_client(make_client):
+    def make(**kwargs):
+        kwargs.setdefault("retry", PATIENT)
+        return make_client(**kwargs)
+
+    return make
 
 
 def record_patches(client) -> list[int]:

@@ -22,7 +22,7 @@ from test_tus_cli import run_cli
 from twisted.internet.defer import CancelledError, succeed
 
 from storage.manager_client import ManagerClient
-from storage.tus_client import ChecksumMismatch, InvalidToken
+from storage.tus_client import ChecksumMismatch, InvalidToken, RetryPolicy
 from storage.tus_client.headers import ServerInfo
 from storage.tus_client.sources import FileSource
 from storage.vfid import VFolderID
@@ -80,6 +80,20 @@ class Proxy:
 @pytest.fixture
 def proxy(daemon) -> Proxy:
     return Proxy(daemon)
+
+
+# The daemon may take a moment to close a cut or cancelled PATCH (423 meanwhile):
+# give the retries room on a loaded machine.
+PATIENT = RetryPolicy(retries=10, base_delay=0.05, max_delay=1.0)
+
+
+@pytest.fixture
+def make_client(make_client):
+    def make(**kwargs):
+        kwargs.setdefault("retry", PATIENT)
+        return make_client(**kwargs)
+
+    return make
 
 
 @ensure
