@@ -207,3 +207,93 @@ def test_sink_limit_stops_before_writing_past_it():
     sink.done.addErrback(errors.append)
     assert errors
     assert sink.written == 3
+
+
+# -- the hand-off of a large body to a socket thread ------------------------------------
+
+
+class FakeSocket:
+    def recv_into(self, buffer):  # never called: the fake thread pool does the work
+        raise AssertionError("the reactor must not read a handed-off socket")
+
+
+class FakeSocketThreads:
+    def __init__(self) -> None:
+        self.active = 0
+        self.limit = 4
+        self.calls: list[tuple[tuple, Deferred]] = []
+
+    def is_stopping(self) -> bool:
+        return False
+
+    def run(self, f, *args):
+        d: Deferred = Deferred()
+        self.calls.append(((f, *args), d))
+        return d
+
+
+def test_a_large_body_is_handed_to_a_socket_thread_after_the_queue_drains(h):
+    from storage.uploads import Received
+
+    threads = FakeSocketThreads()
+    h.tus.socket_threads = threads
+    size = 1 << 20
+    token, session = h.new_upload(size)
+    conn = Connection(h)
+    conn.transport.socket = FakeSocket()
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    conn.send(b"a" * 1000)  # came with the headers
+    h.pool.step()  # open: then the 1000 bytes are written before the hand-off
+    assert threads.calls == []
+    assert conn.transport.producerState == "paused"
+    h.pool.step()
+    [((f, sock, count, hasher, stopping), d)] = threads.calls
+    assert count == size - 1000 and hasher is None and isinstance(sock, FakeSocket)
+    assert conn.transport.producerState == "paused"
+    assert threads.active == 1
+    # The thread writes the rest itself; here the test stands in for it.
+    writer = f.__self__
+    writer.write([b"b" * count])
+    d.callback(Received(consumed=count, written=count))
+    assert threads.active == 0
+    h.pool.run_all()
+    [r] = conn.responses()
+    assert r.status == 204 and r.header("Upload-Offset") == str(size)
+    assert h.target().read_bytes() == b"a" * 1000 + b"b" * count
+
+
+def test_a_client_leaving_during_the_hand_off_keeps_what_the_thread_wrote(h):
+    from storage.uploads import Received
+
+    threads = FakeSocketThreads()
+    h.tus.socket_threads = threads
+    size = 1 << 20
+    token, session = h.new_upload(size)
+    conn = Connection(h)
+    conn.transport.socket = FakeSocket()
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    h.pool.run_all()
+    [((f, sock, count, hasher, stopping), d)] = threads.calls
+    f.__self__.write([b"c" * 5000])
+    d.callback(Received(consumed=5000, written=5000, eof=True))
+    conn.drop()
+    h.pool.run_all()
+    assert read_state(h.vfolder, session).offset == 5000
+
+
+def test_no_hand_off_when_every_socket_thread_is_busy(h):
+    threads = FakeSocketThreads()
+    threads.active = threads.limit
+    h.tus.socket_threads = threads
+    size = 1 << 20
+    token, _ = h.new_upload(size)
+    conn = Connection(h)
+    conn.transport.socket = FakeSocket()
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    h.pool.run_all()
+    assert threads.calls == []
+    assert conn.transport.producerState == "producing"
+    conn.send(b"d" * size)
+    h.pool.run_all()
+    [r] = conn.responses()
+    assert r.status == 204
