@@ -99,8 +99,15 @@ class APIListener(Service):
         if isinstance(results[0], Failure):
             raise fail(f"{self.label} API: cannot listen on {self.description}: {results[0].getErrorMessage()}")
         self.port = results[0]
+        # Connections wait in the kernel's backlog until the volumes are
+        # prepared (see StorageProxy.startService).
+        self.port.stopReading()
         addr = self.port.getHost()
         log.info("{label} API listening on {host}:{port}", label=self.label, host=addr.host, port=addr.port)
+
+    def start_accepting(self) -> None:
+        if self.port is not None:
+            self.port.startReading()
 
     def startService(self) -> None:
         if self.port is None:
@@ -165,6 +172,38 @@ class StorageProxy(SequentialMultiService):
         # Logging has begun by now (twistd starts it before the services).
         apply_log_level(self.config.log_level)
         super().startService()
+        self.ready = defer.Deferred.fromCoroutine(self._prepare_volumes())
+
+    async def _prepare_volumes(self) -> None:
+        """Await every backend's start-up checks, then let the listeners accept.
+
+        Twisted ignores what ``startService`` returns, so a volume that cannot
+        work (a cephfs volume on a plain directory, say) is reported here in
+        one line and the daemon exits non-zero instead of serving errors.
+        """
+        for volume in self.volumes:
+            try:
+                await volume.prepare()
+            except ConfigError as exc:
+                self._abort(str(exc))
+                return
+            except Exception as exc:
+                log.failure("volume {name}: start-up check failed", name=volume.config.name)
+                self._abort(f"volume {volume.config.name}: start-up check failed: {exc}")
+                return
+        self.manager_listener.start_accepting()
+        self.client_listener.start_accepting()
+        log.info("storage-proxy ready: {n} volume(s)", n=len(self.volumes.volumes))
+
+    def _abort(self, message: str) -> None:
+        # twistd has replaced sys.stderr with a log file by now: write to fd 2.
+        os.write(2, f"storage-proxy: {message}\n".encode())
+        log.error("{message}", message=message)
+        if self.reactor.running:
+            # Stop cleanly (helpers, pool), then exit non-zero: twistd itself
+            # has no way to report a failure that happens after start-up.
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+            self.reactor.stop()
 
 
 def _uid_gid(config: Config) -> tuple[int | None, int | None]:

@@ -56,11 +56,16 @@ def test_drops_privileges_after_binding(tmp_path):
 
     if os.getuid() != 0:
         pytest.skip("needs root to drop privileges")
+    import shutil
+    import tempfile
+
     nobody = pwd.getpwnam("nobody")
-    vol = tmp_path / "vol"
+    # pytest's tmp_path sits under a 0700 directory that nobody cannot enter.
+    shared = Path(tempfile.mkdtemp(prefix="storage-proxy-priv-"))
+    os.chmod(shared, 0o755)
+    vol = shared / "vol"
     vol.mkdir()
     os.chown(vol, nobody.pw_uid, nobody.pw_gid)
-    os.chmod(tmp_path, 0o755)
     config = tmp_path / "c.toml"
     config.write_text(
         '[storage-proxy]\nsecret = "x"\nuser = "nobody"\n'
@@ -91,3 +96,22 @@ def test_drops_privileges_after_binding(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_volume_that_fails_its_start_up_check_stops_the_daemon(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[storage-proxy]\nsecret = "x"\n'
+        '[api.manager]\nsecret = "y"\nservice-addr = {host = "127.0.0.1", port = 0}\n'
+        '[api.client]\nservice-addr = {host = "127.0.0.1", port = 0}\n'
+        f'[volume.local]\nbackend = "vfs"\npath = "{tmp_path / "missing"}"\n'
+    )
+    out = subprocess.run(
+        TWISTD + ["-n", "--pidfile=", "storage-proxy", "--config", str(config)],
+        capture_output=True, text=True, env=env(), timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"storage-proxy: config: [volume.local] path: not a directory: {tmp_path / 'missing'}"
+    ]
