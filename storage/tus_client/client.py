@@ -150,10 +150,12 @@ class TusClient:
 
     # -- the work ---------------------------------------------------------
 
-    async def _server_info(self, url: str) -> ServerInfo:
+    async def _server_info(self, url: str, flag: _CancelFlag | None = None) -> ServerInfo:
         try:
-            return await self.endpoint.options(url)
+            return await self._retrying(flag or _CancelFlag(), self.endpoint.options, url)
         except TusError as err:
+            if err.retryable:
+                raise
             log.info("OPTIONS %s failed (%s): assuming the core protocol only", url, err)
             return ServerInfo()
 
@@ -185,13 +187,13 @@ class TusClient:
         log.warning("uploading without checksums: %s", problem)
         return None
 
-    async def _existing_status(self, url: str, info: ServerInfo,
+    async def _existing_status(self, flag: _CancelFlag, url: str, info: ServerInfo,
                                create: bool | None) -> UploadStatus | None:
         """HEAD ``url``: its status if it is an upload, None if one must be created."""
         if create:
             return None
         try:
-            return await self.endpoint.head(url)
+            return await self._retrying(flag, self.endpoint.head, url)
         except (UploadNotFound, InvalidToken, UnexpectedStatus) as err:
             if (create is None and info.supports("creation") and not has_token(url)
                     and err.status in (400, 404, 405, 410)):
@@ -212,13 +214,13 @@ class TusClient:
                              metadata: Mapping[str, str] | None, create: bool | None,
                              on_progress: Callable[[Progress], None] | None) -> UploadResult:
         size = source.size
-        info = await self._server_info(url)
+        info = await self._server_info(url, flag)
         if info.max_size is not None and size > info.max_size:
             raise UploadTooLarge(
                 f"{size} bytes exceed the server's Tus-Max-Size {info.max_size}", url=url)
         algorithm = self._choose_checksum(info, source)
         tracker = ProgressTracker(size, on_progress, self.reactor.seconds)
-        status = await self._existing_status(url, info, create)
+        status = await self._existing_status(flag, url, info, create)
         if status is None and not info.supports("creation") and create is None:
             raise UnsupportedByServer("the server does not offer upload creation", url=url)
 
@@ -230,7 +232,8 @@ class TusClient:
             return await self._upload_parallel(flag, url, source, metadata, info, algorithm,
                                                tracker)
         if status is None:
-            url, _ = await self.endpoint.create(url, size, metadata)
+            # a retried POST may leave an orphan upload behind; the server expires it
+            url, _ = await self._retrying(flag, self.endpoint.create, url, size, metadata)
             status = UploadStatus(offset=0, length=size)
         uploader = self._uploader(flag, algorithm, tracker)
         await uploader.send(url, source, 0, size, status=status)

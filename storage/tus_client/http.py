@@ -129,9 +129,12 @@ class HttpEndpoint:
         raise error_for_status(status, parse_problem(body, content_type), headers, url)
 
     async def options(self, url: str) -> ServerInfo:
-        """What the server advertises; empty when it does not answer OPTIONS."""
+        """What the server advertises; empty when it refuses OPTIONS (4xx).
+        A 5xx raises (retryable): guessing "no extensions" would drop checksums."""
         headers = dict(self.extra_headers)
         status, response_headers, body = await self._request("OPTIONS", url, headers)
+        if status >= 500:
+            self._raise_for_status(status, response_headers, body, url)
         if not 200 <= status < 300:
             return ServerInfo(headers=response_headers)
         return ServerInfo.from_headers(response_headers)

@@ -187,7 +187,8 @@ class _TusResource(resource.Resource):
         self.fake.requests.append((method, request.uri.decode(), headers))
         request.setHeader("Tus-Resumable", "1.0.0")
         if method == "OPTIONS":
-            return self.options(request)
+            answer, _ = self._fault_status(request, "OPTIONS")
+            return answer if answer is not None else self.options(request)
         if headers.get("tus-resumable") != "1.0.0":
             request.setHeader("Tus-Version", "1.0.0")
             return self.problem(request, 412, "Tus-Resumable 1.0.0 required")

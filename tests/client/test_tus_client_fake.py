@@ -442,3 +442,18 @@ async def test_seekable_stream_resumes_after_drop(fake_factory, make_client, rea
 async def test_bytes_source_and_empty_upload(fake, make_client):
     result = await make_client().upload(fake.creation_url, BytesSource(b""))
     assert fake.data(result.url) == b"" and not fake.patches
+
+
+@ensure
+async def test_transient_failures_before_the_first_patch_are_retried(fake, make_client):
+    """A 503 on OPTIONS must not make the client think the server has no checksum
+    extension, and HEAD / creation are retried like PATCH."""
+    fake.add_faults("OPTIONS", Status(503))
+    fake.add_faults("POST", Status(502))
+    result = await make_client(checksum="sha256", require_checksum=True).upload(
+        fake.creation_url, b"d" * 1000)
+    assert result.checksum_algorithm == "sha256" and fake.data(result.url) == b"d" * 1000
+    url = fake.precreate(1000)
+    fake.add_faults("HEAD", Status(503), Status(500))
+    await make_client().upload(url, b"e" * 1000)
+    assert fake.data(url) == b"e" * 1000
