@@ -48,14 +48,14 @@ def keep_body_buffers_in_the_heap() -> bool:
     fresh ``mmap``s or a heap top that is trimmed and regrown, so every read
     page-faults and the kernel zeroes its pages again: ~30% more CPU per
     byte.  Fixed thresholds keep them in the heap, reused (allocations under
-    16 MiB; up to 64 MiB of free heap top kept).  No-op off glibc.
+    16 MiB; up to 16 MiB of free heap top kept).  No-op off glibc.
     """
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, 16 << 20) and libc.mallopt(m_trim_threshold, 64 << 20))
+        return bool(libc.mallopt(m_mmap_threshold, 16 << 20) and libc.mallopt(m_trim_threshold, 16 << 20))
     except (OSError, AttributeError):
         return False
 
