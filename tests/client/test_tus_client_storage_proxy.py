@@ -275,3 +275,38 @@ async def test_cli_upload_expired_token_exit_1(daemon, payload_file):
 
 if sys.platform != "linux":  # pragma: no cover
     pytestmark = pytest.mark.skip("the daemon tests run on Linux")
+
+
+def _run_measured(args: list[str]) -> tuple[int, int, str]:
+    """Run a CLI; (exit code, peak RSS in KiB, stderr)."""
+    import subprocess
+
+    from test_tus_cli import cli_env
+
+    proc = subprocess.Popen([sys.executable, "-m", *args], env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss, err
+
+
+@ensure
+async def test_cli_streams_a_large_file_in_bounded_memory(proxy, tmp_path):
+    """128 MiB in one PATCH: the uploader's peak RSS stays far below the file size."""
+    from twisted.internet.threads import deferToThread
+
+    await proxy.setup()
+    size = 128 * 1024 * 1024
+    path = tmp_path / "large.bin"
+    with open(path, "wb") as f:
+        block = os.urandom(1024 * 1024)
+        for _ in range(size // len(block)):
+            f.write(block)
+    url = await proxy.upload_url("large.bin", size)
+    code, peak_kib, err = await deferToThread(
+        _run_measured, ["storage.cli.upload", url, str(path), "-q"])
+    assert code == 0, err
+    assert (proxy.vfolder / "large.bin").stat().st_size == size
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB for a {size >> 20} MiB upload"
