@@ -385,22 +385,28 @@ def parallel(bench: Bench, src: Path, count: int) -> tuple[float, float, float, 
     return size, t_raw, t_daemon, latencies
 
 
-def rss_and_io(bench: Bench, src: Path) -> tuple[int, int, int, int]:
-    """Peak RSS (sampled, and VmHWM) and bytes written by the daemon during one upload of ``src``."""
+def rss_and_io(workdir: Path, src: Path) -> tuple[int, int, int, int, int]:
+    """On a fresh daemon: its RSS before, its peak RSS (sampled, and VmHWM) and
+    the bytes it wrote to disk during one upload of ``src``."""
     size = src.stat().st_size
-    scratch(bench.dir, size)
-    token = bench.daemon.token("big.bin", size)
-    io0 = io_write_bytes(bench.daemon.pid)
-    peak = 0
-    proc = curl_patch(f"http://127.0.0.1:{bench.daemon.client_port}/upload?token={token}", src)
-    while proc.poll() is None:
-        peak = max(peak, rss_kib(bench.daemon.pid)[0])
-        time.sleep(0.02)
-    finish(proc)
-    written = io_write_bytes(bench.daemon.pid) - io0
-    hwm = rss_kib(bench.daemon.pid)[1]
-    (bench.daemon.vfolder / "big.bin").unlink()
-    return size, peak, hwm, written
+    daemon = Daemon(workdir / "daemon-rss")
+    try:
+        scratch(workdir, size)
+        token = daemon.token("big.bin", size)
+        idle = rss_kib(daemon.pid)[0]
+        io0 = io_write_bytes(daemon.pid)
+        peak = 0
+        proc = curl_patch(f"http://127.0.0.1:{daemon.client_port}/upload?token={token}", src)
+        while proc.poll() is None:
+            peak = max(peak, rss_kib(daemon.pid)[0])
+            time.sleep(0.02)
+        finish(proc)
+        written = io_write_bytes(daemon.pid) - io0
+        hwm = rss_kib(daemon.pid)[1]
+        (daemon.vfolder / "big.bin").unlink()
+    finally:
+        daemon.stop()
+    return size, idle, peak, hwm, written
 
 
 def verdict(ok: bool) -> str:
@@ -432,12 +438,12 @@ def main() -> None:
         single = bench.compare(f"{one // MiB} MiB as one PATCH (best of {args.reps})", one, [src], src)
         chunked = bench.compare(f"{one // MiB} MiB as {len(parts)} PATCHes of 64 MiB", one, parts, src)
         total, t_raw, t_daemon, lat = parallel(bench, small, 32)
-        src_big = workdir / "big.bin"
-        make_file(src_big, big)
-        big_size, peak, hwm, written = rss_and_io(bench, src_big)
-        src_big.unlink()
     finally:
         bench.close()
+    src_big = workdir / "big.bin"
+    make_file(src_big, big)
+    big_size, idle, peak, hwm, written = rss_and_io(workdir, src_big)
+    src_big.unlink()
 
     raw1, d1 = best_rate(single["raw"], one), best_rate(single["daemon"], one)
     rawc, dc = best_cpu(single["raw"], one), best_cpu(single["daemon"], one)
@@ -452,7 +458,8 @@ def main() -> None:
     print(f"  server CPU:      {dc:6.2f} CPU-s/GiB = {dc / rawc:.2f}x raw's {rawc:.2f} (<= 1.2: {verdict(dc <= 1.2 * rawc)})")
     print(f"  64 MiB PATCHes:  {d64:6.0f} MB/s = {d64 / raw1:.2f}x raw one-PATCH, {d64 / raw64:.2f}x raw 64 MiB "
           f"(>= 0.8: {verdict(d64 >= 0.8 * raw1)})")
-    print(f"  {big // GiB} GiB upload:    peak RSS {peak / 1024:.0f} MiB sampled, VmHWM {hwm / 1024:.0f} MiB "
+    print(f"  {big // GiB} GiB upload:    peak RSS {peak / 1024:.0f} MiB sampled, VmHWM {hwm / 1024:.0f} MiB, "
+          f"{idle / 1024:.0f} MiB before "
           f"(< 100: {verdict(max(peak, hwm) < 100 * 1024)}); wrote {written / big_size:.3f}x the upload "
           f"(<= 1.05: {verdict(written <= 1.05 * big_size)})")
     print(f"  32 x 32 MiB:     {agg_d:6.0f} MB/s = {agg_d / agg_raw:.2f}x raw's {agg_raw:.0f} "
