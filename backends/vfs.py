@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from storage.bgtasks import TaskCancelled
+from storage.bgtasks import Progress, TaskCancelled
 from storage.config import ConfigError, parse_duration
 from storage.errors import (
     FileOperationFailed,
@@ -69,7 +70,6 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from storage.bgtasks import Progress
     from storage.config import VolumeConfig
     from storage.vfid import QuotaScopeID, VFolderID
 
@@ -156,6 +156,41 @@ class VfsVolume(AbstractVolume):
     def stopService(self) -> Any:
         self.usage_cache.stop()
         return super().stopService()
+
+    async def _run_to_end(self, progress: Progress, f: Any, *args: Any) -> Any:
+        """``pool.run(f, *args)`` for long operations that watch ``progress``.
+
+        A pool thread cannot be stopped from outside, so cancelling the
+        caller's Deferred (Klein does it when a client goes away) must not
+        leave the thread working on behind our back: it marks ``progress``
+        cancelled, waits until the thread has noticed and returned, and only
+        then raises ``CancelledError``, so clean-up never races the thread.
+        """
+        outcome: list[Any] = []
+        waiters: list[Deferred[None]] = []
+
+        def finished(result: Any) -> None:
+            outcome.append(result)
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+        self.pool.run(f, *args).addBoth(finished)
+        cancelled = False
+        while not outcome:
+            waiter: Deferred[None] = Deferred()
+            waiters.append(waiter)
+            try:
+                await waiter
+            except CancelledError:
+                cancelled = True
+                progress.cancelled = True
+        if cancelled:
+            raise CancelledError()
+        result = outcome[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
 
     async def prepare(self) -> None:
         """Check the volume path and write the layout version (idempotent)."""
@@ -307,8 +342,9 @@ class VfsVolume(AbstractVolume):
     ) -> None:
         """Remove the vfolder (symlinks inside are removed, never followed), its
         metadata, and the ``h[0:2]/h[2:4]`` parents left empty."""
+        progress = progress if progress is not None else Progress()
         try:
-            await self.pool.run(self._delete_vfolder, vfid, progress)
+            await self._run_to_end(progress, self._delete_vfolder, vfid, progress)
         except VFolderNotFound:
             if not missing_ok:
                 raise
@@ -350,17 +386,17 @@ class VfsVolume(AbstractVolume):
             )
         if dst_volume is self and src_vfid == dst_vfid:
             raise VFolderExists(f"the destination vfolder already exists: {dst_vfid}", vfid=str(dst_vfid))
+        progress = progress if progress is not None else Progress()
         count, src_mode = await self.pool.run(self._count_for_clone, src_vfid, progress)
-        if progress is not None:
-            progress.total = count.bytes
-            progress.message = f"{count.files} entries, {count.bytes} bytes to copy"
+        progress.total = count.bytes
+        progress.message = f"{count.files} entries, {count.bytes} bytes to copy"
         if self.clone_checks_free_space:
             fs = await dst_volume.get_fs_usage()
             if count.bytes > fs.capacity_bytes - fs.used_bytes:
                 raise InsufficientStorage("Not enough space available for clone.", paths=["."])
         await dst_volume.create_vfolder(dst_vfid, src_mode, auto_create_quota_scope=True)
         try:
-            await self.pool.run(self._copy_vfolder, src_vfid, dst_volume, dst_vfid, progress)
+            await self._run_to_end(progress, self._copy_vfolder, src_vfid, dst_volume, dst_vfid, progress)
         except BaseException as exc:
             if not isinstance(exc, (CancelledError, StorageError, TaskCancelled)):
                 log.failure("clone {src} -> {dst} failed", src=src_vfid, dst=dst_vfid)
@@ -702,8 +738,9 @@ class VfsVolume(AbstractVolume):
         for relpath in relpaths:
             if str(validate_relpath(relpath, "relpaths")) == ".":
                 raise InvalidPath("relpaths: cannot delete the vfolder root", data={"relpaths": "the vfolder root"})
+        progress = progress if progress is not None else Progress()
         try:
-            await self.pool.run(self._delete_files, vfid, list(relpaths), recursive, progress)
+            await self._run_to_end(progress, self._delete_files, vfid, list(relpaths), recursive, progress)
         finally:
             self.invalidate_usage(vfid)
 

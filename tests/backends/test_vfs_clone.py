@@ -193,3 +193,44 @@ async def test_cancel_inside_a_large_file(volume: VfsVolume, source: VFolderID, 
         await volume.clone_vfolder(source, volume, dst, progress)
     assert 1 << 20 <= progress.current < 3 << 20  # stopped within big.bin (3 MiB)
     assert not volume.vfolder_path(dst).exists()
+
+
+@ensure
+async def test_cancelling_the_deferred_stops_the_copy_before_cleaning_up(
+    volume: VfsVolume, source: VFolderID, new_vfid, monkeypatch
+) -> None:
+    """Klein cancels a handler's Deferred when the client leaves: the copy
+    thread must be stopped and waited for, then the destination removed."""
+    import threading
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import CancelledError, Deferred
+
+    started, release = threading.Event(), threading.Event()
+    real = treeops.copy_file_at
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(treeops, "copy_file_at", slow)
+    dst = new_vfid()
+    progress = Progress()
+    d = Deferred.fromCoroutine(volume.clone_vfolder(source, volume, dst, progress))
+    while not started.is_set():
+        pause: Deferred[None] = Deferred()
+        reactor.callLater(0.01, pause.callback, None)
+        await pause
+    d.cancel()
+    outcome: list = []
+    d.addBoth(outcome.append)
+    assert progress.cancelled and outcome == []  # still waiting for the thread
+    assert volume.vfolder_path(dst).exists()  # not cleaned up under the thread's feet
+    release.set()
+    while not outcome:
+        pause = Deferred()
+        reactor.callLater(0.01, pause.callback, None)
+        await pause
+    assert outcome[0].check(CancelledError)
+    assert not volume.vfolder_path(dst).exists()
