@@ -134,7 +134,7 @@ def test_walk_tree_visits_everything_with_few_descriptors(tmp_path: Path) -> Non
     assert len(visited) == 1 + 40 + 30
     assert sorted(left) == sorted([f"l{i}" for i in range(40)] + [f"wide{i}" for i in range(30)])
     assert max_fds - before <= 4 + 4  # a few levels open, however deep and wide the tree
-    assert len(os.listdir("/proc/self/fd")) == before  # nothing leaked
+    assert len(os.listdir("/proc/self/fd")) <= before  # nothing leaked
 
 
 def test_walk_tree_fails_when_the_tree_moves_under_it(tmp_path: Path) -> None:
