@@ -1,0 +1,48 @@
+"""Two daemons over one shared volume directory serve the same uploads: the
+state lives in the volume and the write lock (flock on the staging file)
+holds across processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
+
+from upload_client import UploadFixture  # noqa: E402
+
+
+def test_an_upload_begun_on_one_daemon_is_finished_on_the_other(storage_proxy_factory, tmp_path):
+    shared = tmp_path / "shared-volume"
+    shared.mkdir()
+    config = {"volume": {"local": {"backend": "vfs", "path": str(shared)}}}
+    a = storage_proxy_factory(extra_config=config)
+    b = storage_proxy_factory(extra_config=config)
+    on_a = UploadFixture(a)
+    on_b = UploadFixture.__new__(UploadFixture)
+    on_b.__dict__.update(on_a.__dict__, daemon=b)
+    data = os.urandom(3 << 20)
+    token = on_a.token("shared/file.bin", len(data))
+    assert on_a.patch(token, 0, data[:1 << 20]).status_code == 204
+    assert on_b.offset(token) == 1 << 20
+    assert on_b.patch(token, 1 << 20, data[1 << 20:2 << 20]).status_code == 204
+    assert on_a.offset(token) == 2 << 20
+
+    # A PATCH in flight on B holds the upload: A refuses a second writer.
+    s = socket.create_connection(("127.0.0.1", b.client_port))
+    s.sendall(
+        f"PATCH /upload?token={token} HTTP/1.1\r\nHost: b\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {2 << 20}\r\n"
+        f"Content-Length: {1 << 20}\r\n\r\n".encode() + data[2 << 20:(2 << 20) + 1000]
+    )
+    time.sleep(0.3)
+    r = on_a.patch(token, 2 << 20, data[2 << 20:])
+    assert r.status_code in (409, 423), r.status_code
+    s.sendall(data[(2 << 20) + 1000:])
+    assert b" 204 " in s.recv(4096)
+    s.close()
+    assert on_a.offset(token) == 3 << 20
+    assert (shared / on_a.vfid.relative_path() / "shared" / "file.bin").read_bytes() == data
