@@ -91,7 +91,7 @@ def sweep_volume(root: Path, now: float) -> int:
 
 
 class UploadJanitor(TimerService):
-    name = "upload-janitor"
+    name = "upload-janitor"  # type: ignore[assignment]
 
     def __init__(self, volumes: Any, pool: Any, interval: float = 3600.0, clock: Any = None) -> None:
         super().__init__(interval, self.sweep)

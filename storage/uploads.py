@@ -357,7 +357,7 @@ class UploadWriter:
         _sync_file_range(self.fd, self.writeback_from, self.offset - self.writeback_from, SYNC_FILE_RANGE_WRITE)
         self.writeback_from = self.offset
 
-    def write(self, buffers: Sequence[bytes]) -> int:
+    def write(self, buffers: Sequence[Any]) -> int:
         """Write buffers at the current offset; on ENOSPC/EDQUOT keep what got in."""
         total = sum(len(b) for b in buffers)
         if self.offset + total > self.state.length:

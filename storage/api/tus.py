@@ -436,8 +436,8 @@ class TusUploads:
         except StorageError as exc:
             request.refuse(exc, self.error_headers(exc))
             return None
-        request.tus_patch = patch
-        transport = request.channel.transport
+        request.body_context = patch
+        transport: Any = request.channel.transport
         if isinstance(getattr(transport, "bufferSize", None), int):
             transport.bufferSize = max(transport.bufferSize, UPLOAD_READ_SIZE)
         if self.site is not None:
@@ -457,7 +457,9 @@ class TusUploads:
         return PatchInProgress(self, request, ref, offset, length, checksum)
 
     async def patch(self, request: Any) -> bytes:
-        patch: PatchInProgress | None = getattr(request, "tus_patch", None)
+        patch = getattr(request, "body_context", None)
+        if not isinstance(patch, PatchInProgress):
+            patch = None
         if patch is None:
             # Only a request that bypassed the site's body handler gets here.
             raise WrongContentType("the PATCH body was not streamed")
@@ -472,7 +474,7 @@ class SocketThreads(BlockingPool):
     file (``UploadWriter.receive``), so the bytes skip the reactor and, with
     ``splice``, user space.  Bounded: past ``limit`` bodies stay on the reactor."""
 
-    name = "upload-socket-threads"
+    name = "upload-socket-threads"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, limit: int = 64) -> None:
         super().__init__(reactor, max_threads=limit)

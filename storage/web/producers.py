@@ -73,6 +73,14 @@ def sendfile_socket(request: Any) -> int | None:
         return None
 
 
+def _unregister(request: Any) -> None:
+    # After the connection is lost twisted.web has dropped request.channel.
+    if getattr(request, "channel", None) is not None:
+        request.unregisterProducer()
+    else:
+        request.producer = None
+
+
 def _abort(request: Any) -> None:
     transport = getattr(getattr(request, "channel", None), "transport", None)
     if transport is not None:
@@ -121,6 +129,7 @@ class SendfileProducer:
         if self._stopped or self.transport.disconnected:
             self._close()
             return
+        stats["sendfile_waits"] += 1
         self.transport.producerPaused = True
         self.transport.startWriting()
 
@@ -185,7 +194,7 @@ class SendfileProducer:
             if fd >= 0:
                 os.close(fd)
         self.sock = self.file_fd = -1
-        self.request.unregisterProducer()
+        _unregister(self.request)
         if not self._done.called:
             self._done.callback(self.sent)
 
@@ -269,7 +278,7 @@ class ChunkProducer:
                 self.close_source()
             except Exception:
                 log.failure("download: closing the body source failed")
-        self.request.unregisterProducer()
+        _unregister(self.request)
         if not self._done.called:
             self._done.callback(self.sent)
 

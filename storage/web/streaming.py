@@ -169,8 +169,12 @@ BodyHandler = Callable[["StreamingRequest", "int | None"], "BodySink | None"]
 class StreamingRequest(Request):
     """A Request whose body may go to a sink chosen once the headers are in."""
 
+    content: Any = None
+    channel: Any
     early_error: StorageError | None = None
     early_headers: dict[bytes, bytes] | None = None
+    # Whatever a body handler keeps with the request (tus: the PATCH in progress).
+    body_context: Any = None
     _answered_early = False
     _body_done = False
     _abort_call: Any = None
@@ -311,7 +315,7 @@ class UploadSink:
     def __init__(
         self,
         channel: Any,
-        ready: Deferred[UploadTarget],
+        ready: Deferred[Any],
         *,
         limit: int | None = None,
         too_long: Callable[[], StorageError] | None = None,
@@ -480,6 +484,7 @@ class UploadSink:
     def _direct_done(self, result: Any, remaining: int, saved_timeout: Any) -> None:
         channel = self.channel
         self.writing = 0
+        error: Failure | None
         if isinstance(result, Failure):
             consumed, written, error, eof, stopped = 0, 0, result, False, None
         else:
