@@ -12,6 +12,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,11 @@ class Options(usage.Options):
 
 def fail(message: str) -> SystemExit:
     """Start-up failures are one line on stderr and exit status 1, never a traceback."""
-    return SystemExit(f"storage-proxy: {message}")
+    line = f"storage-proxy: {message}"
+    if sys.stderr is not sys.__stderr__ and sys.__stderr__ is not None:
+        # twistd has already redirected sys.stderr into the log: say it on the real one too.
+        print(line, file=sys.__stderr__, flush=True)
+    return SystemExit(line)
 
 
 def load(options: Options | dict[str, Any]) -> Config:

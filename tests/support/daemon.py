@@ -160,12 +160,20 @@ class StorageProxyProcess:
         cfg = base_config(self.workdir, self.volumes, self.manager_port, self.client_port)
         return deep_merge(cfg, self.extra_config)
 
+    def write_config(self) -> Path:
+        self.config_path.write_text(toml.dumps(self.config()))
+        return self.config_path
+
+    def run_to_completion(self, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        """Run the daemon in the foreground until it exits (for start-up failures)."""
+        return run_twistd(self.workdir, self.write_config(), timeout, self.extra_env)
+
     # -- lifecycle --------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> StorageProxyProcess:
         if self.process is not None and self.process.poll() is None:
             raise DaemonError("already running")
-        self.config_path.write_text(toml.dumps(self.config()))
+        self.write_config()
         self.returncode = None
         with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
             start_offset = out.tell()
