@@ -231,12 +231,13 @@ class TusClient:
                     f"the upload is {status.length} bytes long, the data {size}", url=url)
             return await self._upload_parallel(flag, url, source, metadata, info, algorithm,
                                                tracker)
+        existed = status is not None
         if status is None:
             # a retried POST may leave an orphan upload behind; the server expires it
             url, _ = await self._retrying(flag, self.endpoint.create, url, size, metadata)
             status = UploadStatus(offset=0, length=size)
         uploader = self._uploader(flag, algorithm, tracker)
-        await uploader.send(url, source, 0, size, status=status)
+        await uploader.send(url, source, 0, size, status=status, finish_empty=existed)
         return UploadResult(url=url, size=size, checksum_algorithm=algorithm)
 
     def _can_concatenate(self, info: ServerInfo, source: ByteSource, fresh: bool) -> bool:

@@ -73,10 +73,15 @@ class RangeUploader:
         self.is_cancelled = is_cancelled
 
     async def send(self, url: str, source: ByteSource, base: int, length: int,
-                   part: Hashable = 0, status: UploadStatus | None = None) -> int:
-        """Returns the final offset (== ``length``)."""
+                   part: Hashable = 0, status: UploadStatus | None = None,
+                   finish_empty: bool = False) -> int:
+        """Returns the final offset (== ``length``).
+
+        ``finish_empty``: an empty upload still gets one empty PATCH (Backend.AI
+        uploads prepared by the manager only complete on a PATCH).
+        """
         run = _PartRun(self, url, source, base, length, part)
-        return await run.go(status)
+        return await run.go(status, finish_empty and length == 0)
 
 
 class _PartRun:
@@ -143,13 +148,13 @@ class _PartRun:
                 self.checksum_failures = 0
         return offset
 
-    async def go(self, status: UploadStatus | None) -> int:
+    async def go(self, status: UploadStatus | None, empty_patch: bool = False) -> int:
         if status is None:
             status = await self._head()
         self.confirmed = self.sent_high = self._accept_offset(status, first=True)
         tracker = self.o.tracker
         tracker.confirm(self.part, self.confirmed)
-        while self.confirmed < self.length:
+        while self.confirmed < self.length or empty_patch:
             self._check_cancelled()
             start, end = next_chunk(self.confirmed, self.length, self.o.chunk_size)
             self.sent_high = max(self.sent_high, end)
@@ -173,6 +178,7 @@ class _PartRun:
             self.failures = 0
             self.checksum_failures = 0
             self.confirmed = new
+            empty_patch = False
             tracker.confirm(self.part, new)
         return self.confirmed
 

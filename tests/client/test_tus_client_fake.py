@@ -441,7 +441,10 @@ async def test_seekable_stream_resumes_after_drop(fake_factory, make_client, rea
 @ensure
 async def test_bytes_source_and_empty_upload(fake, make_client):
     result = await make_client().upload(fake.creation_url, BytesSource(b""))
-    assert fake.data(result.url) == b"" and not fake.patches
+    assert fake.data(result.url) == b"" and not fake.patches  # complete at creation
+    url = fake.precreate(0)
+    await make_client().upload(url, b"")
+    assert [(offset, n) for _, offset, n in fake.patches] == [(0, 0)]  # one empty PATCH
 
 
 @ensure
