@@ -28,6 +28,7 @@ import os
 import secrets
 import select
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -276,6 +277,22 @@ _sync_file_range = _load_sync_file_range()
 SYNC_FILE_RANGE_WRITE = 2
 
 
+_niced = threading.local()
+BULK_NICE = 5
+
+
+def _lower_this_threads_priority() -> None:
+    """Bulk body movers yield the CPU to the reactor thread (request latency)
+    and to the kernel's network processing; Linux sets nice per thread."""
+    if getattr(_niced, "done", False):
+        return
+    _niced.done = True
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
+    except (OSError, AttributeError):
+        pass
+
+
 class _SocketWaiter:
     """Waits, in a pool thread, until a socket holds a worthwhile amount of body.
 
@@ -388,6 +405,7 @@ class UploadWriter:
         """
         if self.offset + count > self.state.length:
             raise AssertionError("the body length is checked against Upload-Length before this")
+        _lower_this_threads_priority()
         start = self.offset
         waiter = _SocketWaiter(sock, count, should_stop, idle_timeout)
         try:
