@@ -196,11 +196,16 @@ def _open_for_fetch(path: Path) -> Any:
         raise FileNotFound("no such file in the vfolder") from None
     except IsADirectoryError:
         raise InvalidAPIParameters.field("relpath", "is a directory") from None
-    f = os.fdopen(fd, "rb", buffering=0)
-    if not stat_module.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise InvalidAPIParameters.field("relpath", "is not a regular file")
-    return f
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat_module.S_ISDIR(mode):
+            raise InvalidAPIParameters.field("relpath", "is a directory")
+        if not stat_module.S_ISREG(mode):
+            raise InvalidAPIParameters.field("relpath", "is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 # -- the API ------------------------------------------------------------------------
