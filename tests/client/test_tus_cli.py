@@ -17,6 +17,8 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 
 import storage
+from storage.cli import download as download_cli
+from storage.cli import upload as upload_cli
 
 ensure = pytest_twisted.ensureDeferred
 
@@ -116,11 +118,18 @@ async def test_upload_missing_file_exit_1(fake, tmp_path):
     ["http://x/", "f", "--parallel", "0"],
     ["http://x/", "f", "--checksum", "crc32"],
     ["http://x/", "f", "--metadata", "novalue"],
+    ["http://x/", "f", "--retries", "-1"],
     ["http://x/", "-"],
 ])
+def test_upload_usage_errors_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        upload_cli.main(args)
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err
+
+
 @ensure
-async def test_upload_usage_errors_exit_2(args):
-    out, err, code = await run_cli("upload", *args)
+async def test_usage_exit_code_of_the_real_process():
+    out, err, code = await run_cli("upload", "http://x/", "f", "--parallel", "0")
     assert code == 2 and "usage:" in err
 
 
@@ -222,10 +231,11 @@ async def test_download_404_exit_1(downloads, tmp_path):
     assert err.strip().splitlines()[-1] == "download failed: 404 Not Found: File not found"
 
 
-@ensure
-async def test_download_usage_exit_2():
-    out, err, code = await run_cli("download")
-    assert code == 2 and "usage:" in err
+@pytest.mark.parametrize("args", [[], ["http://x/", "--retries", "-2"], ["http://x/", "-o"]])
+def test_download_usage_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        download_cli.main(args)
+    assert info.value.code == 2 and "usage:" in capsys.readouterr().err
 
 
 @ensure
