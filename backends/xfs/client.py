@@ -33,7 +33,7 @@ class HelperUnavailable(ExecutionError):
 
 
 class HelperClient(Service):
-    name = "xfs-helper-client"
+    name = "xfs-helper-client"  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, socket_path: str, timeout: float = 30.0) -> None:
         self.reactor = reactor
@@ -65,7 +65,8 @@ class HelperClient(Service):
         d = self._service.whenConnected()
         d.addTimeout(self.timeout, self.reactor)
         try:
-            return await d
+            proto: amp.AMP = await d  # type: ignore[assignment]
+            return proto
         except defer.TimeoutError:
             raise HelperUnavailable(
                 f"no XFS quota helper answered on {self.socket_path} within {self.timeout:g}s"

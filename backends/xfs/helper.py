@@ -81,7 +81,7 @@ class HelperProtocol(amp.AMP):
         if uid not in self.allowed_uids:
             self.refused = True
             log.warn("refused a connection: {why}", why=why)
-            self.transport.abortConnection()
+            self.transport.abortConnection()  # type: ignore[union-attr]
             return
         super().connectionMade()
 

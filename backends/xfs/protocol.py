@@ -42,7 +42,7 @@ _ERRORS: dict[type[Exception], bytes] = {
 
 
 class Ping(amp.Command):
-    arguments: list = []
+    arguments = []  # type: ignore[var-annotated]
     response = [(b"version", amp.Integer())]
 
 

@@ -108,7 +108,7 @@ class NameFile(_LineFile):
 
     def _is(self, line: str, name: str) -> bool:
         m = self.pattern.match(line)
-        return bool(m) and m.group(1) == name
+        return m is not None and m.group(1) == name
 
 
 @dataclass

@@ -34,7 +34,8 @@ def _pythonpath() -> str:
 class HelperProcess(Service):
     def __init__(self, reactor: Any, name: str, argv: list[str]) -> None:
         self.reactor = reactor
-        self.name = name
+        self.name = name  # type: ignore[assignment]
+        self.process_name = name
         self.argv = argv
         self.monitor = ProcessMonitor(reactor=reactor)
         self.monitor.minRestartDelay = 1
@@ -57,7 +58,7 @@ class HelperProcess(Service):
         super().startService()
 
     def pid(self) -> int | None:
-        proto = self.monitor.protocols.get(self.name)
+        proto = self.monitor.protocols.get(self.process_name)
         return proto.transport.pid if proto is not None and proto.transport else None
 
     @defer.inlineCallbacks
