@@ -57,7 +57,7 @@ from storage.paths import (
 )
 from storage.usage import TreeUsage, UsageCache
 
-from . import treeops
+from . import crossmove, treeops
 from .base import (
     AbstractVolume,
     Capability,
@@ -662,17 +662,11 @@ class VfsVolume(AbstractVolume):
                 with _fd(sdir):
                     tdir, tname = open_parent(root_fd, target_rel)
                     with _fd(tdir):
-                        try:
-                            os.rename(sname, tname, src_dir_fd=sdir, dst_dir_fd=tdir)
-                        except OSError as exc:
-                            if exc.errno != errno.EXDEV:
-                                raise
-                            # Another filesystem (a bind mount, a CephFS quota
-                            # boundary): copy, then remove the source.
-                            if os.path.lexists(os.path.join(real_root, target_rel)):
-                                raise
-                            treeops.copy_entry_at(sdir, sname, tdir, tname)
-                            treeops.remove_at(sdir, sname)
+                        # Across a filesystem or CephFS quota boundary (EXDEV)
+                        # this copies and swaps in, atomically for observers.
+                        if crossmove.rename_at(sdir, sname, tdir, tname):
+                            log.info("volume {name}: moved {src} -> {dst} by copying (EXDEV)",
+                                     name=self.name, src=src, dst=dst)
 
     @staticmethod
     def _destination(root_fd: int, real_root: Path, dst: str, field: str, src_name: str) -> PurePosixPath:
@@ -687,6 +681,12 @@ class VfsVolume(AbstractVolume):
         if str(rel) == ".":
             raise InvalidPath(f"{field}: cannot replace the vfolder root", data={field: "the vfolder root"})
         return rel
+
+    async def move_into_place(self, src: Path, dst: Path) -> None:
+        """Rename a finished file (e.g. a tus staging file) onto ``dst``,
+        replacing it; across a filesystem or quota boundary, copy + swap + remove."""
+        with os_errors(str(dst)):
+            await self.pool.run(crossmove.move_path, src, dst)
 
     async def copy_file(self, vfid: VFolderID, src_relpath: str, dst_relpath: str) -> None:
         """Copy a file (or a symlink, as a link) with ``copy_range``, keeping

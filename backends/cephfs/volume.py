@@ -25,18 +25,16 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from backends.base import Capability, FolderUsage, QuotaConfig, QuotaUsage
-from backends.vfs import VfsVolume, _fd, os_errors
+from backends.vfs import VfsVolume, os_errors
 from storage.config import ConfigError
 from storage.errors import (
     InsufficientStorage,
-    InvalidPath,
     InvalidQuotaConfig,
     QuotaScopeExists,
     QuotaScopeNotFound,
 )
-from storage.paths import open_parent, resolve_rel
 
-from . import crossmove, xattrs
+from . import xattrs
 
 if TYPE_CHECKING:
     from backends.base import AbstractVolume
@@ -170,31 +168,6 @@ class CephFSVolume(VfsVolume):
             )
 
     # -- moves across quota realms --------------------------------------------------
-
-    def _move(self, vfid: VFolderID, src: str, dst: str, dst_field: str) -> None:
-        # The vfs walk (confined, no-follow), with an atomic copy + swap on EXDEV.
-        real_root = self._real_vfolder(vfid)
-        with _fd(self._open_vfolder(vfid)) as root_fd:
-            src_rel = resolve_rel(real_root, src, field="src_relpath", follow_final=False)
-            if str(src_rel) == ".":
-                raise InvalidPath("src_relpath: cannot move the vfolder root", data={"src_relpath": "the vfolder root"})
-            target_rel = self._destination(root_fd, real_root, dst, dst_field, src_rel.name)
-            if target_rel == src_rel:
-                return
-            with os_errors(src, dst):
-                sdir, sname = open_parent(root_fd, src_rel)
-                with _fd(sdir):
-                    tdir, tname = open_parent(root_fd, target_rel)
-                    with _fd(tdir):
-                        if crossmove.rename_at(sdir, sname, tdir, tname):
-                            log.info("volume {name}: moved {src} -> {dst} by copying (quota boundary)",
-                                     name=self.name, src=src, dst=dst)
-
-    async def move_into_place(self, src: Path, dst: Path) -> None:
-        """Rename a finished file (e.g. a tus staging file) onto ``dst``,
-        replacing it; across a quota boundary, copy + swap + remove."""
-        with os_errors(str(dst)):
-            await self.pool.run(crossmove.move_path, src, dst)
 
 
 def _rmdir_quietly(path: Path) -> None:

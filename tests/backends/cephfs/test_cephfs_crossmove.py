@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backends.cephfs import crossmove, xattrs
+from backends import crossmove
+from backends.cephfs import xattrs
 
 pytestmark = pytest.mark.cephfs
 
