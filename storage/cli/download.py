@@ -297,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_progress(sent: int, total: int | None, rate: float) -> None:
             last.update(sent=sent, total=total, rate=rate or last["rate"])
+            if downloader.output is not None:
+                display.label = f"download {downloader.output.name}"
             if not args.quiet:
                 display.update(sent, total, rate)
 

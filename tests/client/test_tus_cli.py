@@ -145,7 +145,7 @@ async def test_download_to_output(downloads, tmp_path):
                                    str(target))
     assert code == 0, err
     assert target.read_bytes() == data
-    lines = [line for line in err.splitlines() if line.startswith("download:")]
+    lines = [line for line in err.splitlines() if line.startswith("download out.bin:")]
     assert 1 <= len(lines) <= 13 and "\r" not in err
 
 
