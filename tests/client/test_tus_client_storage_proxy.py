@@ -329,5 +329,5 @@ async def test_cli_streams_a_large_file_in_bounded_memory(proxy, tmp_path):
         _run_measured, ["storage.cli.upload", url, str(path), "-q"], tmp_path / "peak")
     assert code == 0, err
     assert (proxy.vfolder / "large.bin").stat().st_size == size
-    # an idle CLI is ~60 MiB (Python, Twisted, treq); the whole file would add 128
+    # an idle CLI peaks at ~50 MiB (Python, Twisted, treq); the whole file would add 128
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB for a {size >> 20} MiB upload"
