@@ -291,7 +291,11 @@ class ManagerClient:
         )
         if response.code != 200:
             raise await self._error(response, "POST", path)
-        write = sink if callable(sink) else sink.write
+        target: Callable[[bytes], Any] = sink if callable(sink) else sink.write
+
+        def write(data: bytes) -> None:
+            target(data)
+
         await collect(response, write)
 
     async def download_token(self, volume: str, vfid: str, relpath: str, archive: bool = False,

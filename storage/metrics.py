@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
-from twisted.web.iweb import IRequest
 
 PREFIX = "storage_proxy"
 
@@ -76,7 +75,7 @@ class ManagerMetrics:
         except Exception:  # pragma: no cover - platforms without /proc
             pass
 
-    def track(self, request: IRequest, route: str) -> None:
+    def track(self, request: Any, route: str) -> None:
         """Record ``request`` once its response is finished (or the client left)."""
         start = time.monotonic()
         method = request.method.decode("ascii", "replace")

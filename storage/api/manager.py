@@ -18,13 +18,14 @@ import stat as stat_module
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -208,15 +209,20 @@ def _open_for_fetch(path: Path) -> Any:
     return os.fdopen(fd, "rb", buffering=0)
 
 
+def _stop_timer(result: Any, timer: Any) -> Any:
+    if timer.active():
+        timer.cancel()
+    return result
+
+
 # -- the API ------------------------------------------------------------------------
 
 
 class BackgroundTaskService(Service):
     """At shutdown, asks running background tasks to stop and waits for them (bounded)."""
 
-    name = "manager-bgtasks"
-
     def __init__(self, bgtasks: Any, reactor: Any, grace: float) -> None:
+        self.name = "manager-bgtasks"  # type: ignore[assignment]
         self.bgtasks = bgtasks
         self.reactor = reactor
         self.grace = grace
@@ -322,13 +328,13 @@ class ManagerAPI:
     async def _refresh_fs_usage(self) -> None:
         async def one(volume: AbstractVolume) -> None:
             usage = await volume.get_fs_usage()
-            self.metrics.set_fs_usage(volume.name, usage.capacity_bytes, usage.used_bytes)
+            self.metrics.set_fs_usage(str(volume.name), usage.capacity_bytes, usage.used_bytes)
 
         waits = []
         for volume in self.volumes:
             d = Deferred.fromCoroutine(one(volume))
             timer = self.reactor.callLater(METRICS_FS_TIMEOUT, d.cancel)
-            d.addBoth(lambda r, t=timer: (t.cancel() if t.active() else None, r)[1])
+            d.addBoth(_stop_timer, timer)
             waits.append(d)
         await DeferredList(waits, consumeErrors=True)
 
@@ -359,7 +365,7 @@ class ManagerAPI:
         args = self._params(request, Field("volume", p.volume_name))
         volume = self._volume(request, args["volume"])
         usage = await volume.get_fs_usage()
-        self.metrics.set_fs_usage(volume.name, usage.capacity_bytes, usage.used_bytes)
+        self.metrics.set_fs_usage(str(volume.name), usage.capacity_bytes, usage.used_bytes)
         return json_body(request, {"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
 
     @api_route("/volume/quota", "GET")
@@ -561,7 +567,7 @@ class ManagerAPI:
             if ok:
                 success.append({"msg": None, "item": str(rp)})
             else:
-                exc = result.value
+                exc = cast(Failure, result).value
                 log.info("mkdir {item!r} in {volume}/{vfid} failed: {exc!r}", item=str(rp),
                          volume=volume.name, vfid=str(vfid), exc=exc)
                 failed.append({"msg": repr(exc), "item": str(rp)})
@@ -612,7 +618,7 @@ class ManagerAPI:
         return self._no_content(request)
 
     @api_route("/folder/file/fetch", "POST")
-    async def fetch_file(self, request: IRequest) -> bytes:
+    async def fetch_file(self, request: Any) -> bytes:
         args = self._params(
             request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
         )
