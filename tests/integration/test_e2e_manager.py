@@ -394,3 +394,14 @@ async def test_cross_volume_clone_is_refused(client: ManagerClient) -> None:
     with pytest.raises(BadRequest) as info:
         await client.clone_folder("local", vfid, new_vfid(), dst_volume="other")
     assert "dst_volume" in info.value.data
+
+
+@pytest_twisted.ensureDeferred
+async def test_oversized_body_is_413_problem_json(daemon: StorageProxyProcess) -> None:
+    body = {"volume": "local", "vfid": new_vfid(), "relpaths": ["x" * 1000] * 2000}  # ~2 MB > the 1 MiB cap
+    code, ctype, data = await raw(daemon, "POST", "/folder/file/delete", body,
+                                  headers={AUTH_HEADER: daemon.manager_secret})
+    assert (code, ctype) == (413, PROBLEM)
+    assert json.loads(data)["type"].startswith(BASE)
+    code, _, _ = await raw(daemon, "GET", "/")  # and the daemon is fine
+    assert code == 200
