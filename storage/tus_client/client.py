@@ -14,6 +14,7 @@ from twisted.python.failure import Failure
 
 from storage.tus_client.errors import (
     InvalidToken,
+    ProtocolViolation,
     TusError,
     UnexpectedStatus,
     UnsupportedByServer,
@@ -283,6 +284,7 @@ class TusClient:
             if info.supports("termination"):
                 await self._discard(created)
             raise
+        await self._check_final(final_url, source.size)
         return UploadResult(url=final_url, size=source.size, checksum_algorithm=algorithm,
                             partial_urls=[u for u, _ in created])
 
@@ -304,9 +306,23 @@ class TusClient:
                 if flag.cancelled:
                     raise CancelledError() from None
 
+    async def _check_final(self, url: str, size: int) -> None:
+        """The joined upload must report every byte (when it reports an offset at all)."""
+        try:
+            status = await self.endpoint.head(url)
+        except ProtocolViolation:
+            raise
+        except TusError as err:  # some servers forget completed uploads: not our concern
+            log.info("could not check the concatenated upload %s: %s", url, err)
+            return
+        if status.offset is not None and status.offset != size:
+            raise ProtocolViolation(
+                f"the concatenated upload reports {status.offset} of {size} bytes", url=url)
+
     async def _discard(self, created: list[tuple[str, str]]) -> None:
+        cleanup = _CancelFlag()  # runs after a cancel too: retried on its own
         for part_url, _ in created:
             try:
-                await self.endpoint.delete(part_url)
+                await self._retrying(cleanup, self.endpoint.delete, part_url)
             except Exception as err:  # cleanup is best effort
                 log.info("could not delete partial upload %s: %s", part_url, err)

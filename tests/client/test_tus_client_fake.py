@@ -460,3 +460,11 @@ async def test_transient_failures_before_the_first_patch_are_retried(fake, make_
     fake.add_faults("HEAD", Status(503), Status(500))
     await make_client().upload(url, b"e" * 1000)
     assert fake.data(url) == b"e" * 1000
+
+
+@ensure
+async def test_concatenated_upload_is_checked(fake, make_client, payload_file):
+    path, _ = payload_file(2 * 1024 * 1024)
+    fake.add_faults("HEAD", None, Offset("5"))  # the creation URL's HEAD, then the final's
+    with pytest.raises(ProtocolViolation, match="concatenated upload reports 5"):
+        await make_client(parallel=2).upload(fake.creation_url, path)
