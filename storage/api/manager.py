@@ -469,6 +469,9 @@ class ManagerAPI:
         volume = self._vfolder(request, args["volume"], vfid)
 
         async def run(progress: Any) -> None:
+            # Idempotent, like a retried upstream task: a vfolder already gone is done.
+            if not await self.pool.run(os.path.lexists, volume.vfolder_path(vfid)):
+                return
             await volume.delete_vfolder(vfid, progress)
 
         task = self.bgtasks.start("delete-vfolder", run, volume=volume.name, vfid=str(vfid))

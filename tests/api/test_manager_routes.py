@@ -265,6 +265,9 @@ async def test_clone_and_delete_vfolder(manager: StubManager) -> None:
     assert not path.exists()
     with pytest.raises(NotFound):
         await manager.client.list_files("local", vfid)
+    # Deleting again (a retry) is accepted and done.
+    state = await manager.client.wait_bgtask(await manager.client.delete_folder("local", vfid))
+    assert state["status"] == "done"
 
 
 @pytest_twisted.ensureDeferred
