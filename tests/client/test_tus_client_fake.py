@@ -468,3 +468,22 @@ async def test_concatenated_upload_is_checked(fake, make_client, payload_file):
     fake.add_faults("HEAD", None, Offset("5"))  # the creation URL's HEAD, then the final's
     with pytest.raises(ProtocolViolation, match="concatenated upload reports 5"):
         await make_client(parallel=2).upload(fake.creation_url, path)
+
+
+@ensure
+async def test_cancel_aborts_the_patch_in_flight(fake, make_client, reactor, payload_file):
+    """One 16 MiB PATCH cancelled after 2 MiB: the body never reaches its end."""
+    path, data = payload_file(16 * 1024 * 1024)
+    url = fake.precreate(len(data))
+    holder: list[Deferred] = []
+
+    def on_progress(progress):
+        if progress.sent >= 2 * 1024 * 1024 and not holder[0].called:
+            holder[0].cancel()
+
+    holder.append(make_client().upload(url, path, on_progress=on_progress))
+    with pytest.raises(CancelledError):
+        await holder[0]
+    await deferLater(reactor, 0.3, lambda: None)
+    assert fake.uploads["token:tok"].data == b""  # the fake applies a PATCH only when whole
+    assert len(fake.patches) == 0  # and twisted.web never saw a complete request
