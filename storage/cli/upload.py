@@ -17,6 +17,8 @@ from storage.cli.running import Failed, run
 from storage.tus_client import RetryPolicy, TusClient, parse_size
 from storage.tus_client.sources import StreamSource
 
+STDIN_CHUNK = 8 << 20
+
 
 def _size(text: str) -> int:
     try:
@@ -60,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("url", metavar="URL")
     parser.add_argument("file", metavar="FILE", help="the file to upload, or - for stdin (with --size)")
     parser.add_argument("--chunk-size", type=_size, default=None, metavar="SIZE",
-                        help="bytes per PATCH, e.g. 64m (default: the whole file in one PATCH)")
+                        help="bytes per PATCH, e.g. 64m (default: the whole file in one PATCH; "
+                             "8m for stdin, which keeps one chunk in memory to resume)")
     parser.add_argument("--parallel", type=_positive, default=1, metavar="N",
                         help="N partial uploads at once, joined at the end (needs the "
                              "server's concatenation extension; sequential otherwise)")
@@ -88,8 +91,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("uploading stdin needs --size")
 
     async def operation(reactor: Any) -> None:
+        chunk_size = args.chunk_size
         if args.file == "-":
-            data: Any = StreamSource(sys.stdin.buffer, args.size, reactor)
+            # stdin cannot seek: PATCHes no larger than what it keeps to rewind
+            # make every interruption resumable
+            chunk_size = chunk_size or STDIN_CHUNK
+            data: Any = StreamSource(sys.stdin.buffer, args.size, reactor, rewind=chunk_size)
             name = "stdin"
         else:
             if not os.path.isfile(args.file):
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         display = ProgressDisplay(sys.stderr, f"upload {name}", sys.stderr.isatty(),
                                   reactor.seconds)
         client = TusClient(
-            reactor, chunk_size=args.chunk_size, parallel=args.parallel,
+            reactor, chunk_size=chunk_size, parallel=args.parallel,
             checksum=args.checksum, require_checksum=args.require_checksum,
             retry=RetryPolicy(retries=args.retries))
         rates = [0.0]

@@ -119,12 +119,16 @@ class BytesSource:
 class StreamSource:
     """A file-like object of known size read front to back (a pipe, a socket).
 
-    Resuming needs to go back to the server's offset: a seekable stream seeks,
-    an unseekable one can only skip forward and fails with ``SourceError``
-    if the server asks for bytes already consumed.
+    Resuming needs to go back to the server's offset.  A seekable stream
+    seeks.  An unseekable one keeps the last ``rewind`` bytes it read, so it
+    can go back that far (send chunks no larger than ``rewind`` and any
+    interruption can be resumed, even against a server that drops a whole
+    interrupted PATCH); further back fails with ``SourceError``.  Skipping
+    forward always works.
     """
 
-    def __init__(self, stream: IO[bytes], size: int, reactor: Any, threadpool: Any = None) -> None:
+    def __init__(self, stream: IO[bytes], size: int, reactor: Any, threadpool: Any = None,
+                 rewind: int = 8 << 20) -> None:
         self.stream = stream
         self.size = size
         self.reactor = reactor
@@ -136,20 +140,30 @@ class StreamSource:
             self.seekable, self.position = False, 0
         self.start = self.position
         self.random_access = self.seekable
+        self.rewind = 0 if self.seekable else rewind
+        self.history = bytearray()  # the bytes just before ``position``
         self._lock = DeferredLock()  # one blocking read at a time keeps the position right
 
     def _read_at(self, offset: int, length: int) -> bytes:
-        if offset != self.position:
-            if self.seekable:
+        if self.seekable:
+            if offset != self.position:
                 self.stream.seek(self.start + offset)
-            elif offset > self.position:
-                self._consume(offset - self.position)
-            else:
+                self.position = offset
+            return self._consume(length, keep=True)
+        if offset > self.position:
+            self._consume(offset - self.position)
+        replay = b""
+        if offset < self.position:
+            behind = self.position - offset
+            if behind > len(self.history):
                 raise SourceError(
-                    f"the stream cannot rewind to byte {offset} (it is at {self.position})")
-            self.position = offset
-        data = self._consume(length, keep=True)
-        return data
+                    f"the stream cannot rewind to byte {offset} (it is at {self.position} "
+                    f"and keeps the last {len(self.history)} bytes)")
+            start = len(self.history) - behind
+            replay = bytes(self.history[start:start + length])
+        if len(replay) == length:
+            return replay
+        return replay + self._consume(length - len(replay), keep=True)
 
     def _consume(self, length: int, keep: bool = False) -> bytes:
         chunks, got = [], 0
@@ -160,6 +174,10 @@ class StreamSource:
             got += len(piece)
             if keep:
                 chunks.append(piece)
+            if self.rewind:
+                self.history += piece
+                if len(self.history) > self.rewind:
+                    del self.history[: len(self.history) - self.rewind]
         self.position += got
         return b"".join(chunks)
 

@@ -136,6 +136,7 @@ def _make_request_factory(fake: FakeTusServer) -> Any:
     class FakeTusRequest(server.Request):
         drop_after: int | None = None
         received = 0
+        dropped = False
 
         def gotLength(self, length: int | None) -> None:
             super().gotLength(length)
@@ -145,6 +146,8 @@ def _make_request_factory(fake: FakeTusServer) -> Any:
                     self.drop_after = queue.pop(0).after
 
         def handleContentChunk(self, data: bytes) -> None:
+            if self.dropped:
+                return  # the rest of a buffer read before the abort took effect
             if self.drop_after is None:
                 super().handleContentChunk(data)
                 return
@@ -166,7 +169,12 @@ def _make_request_factory(fake: FakeTusServer) -> Any:
                     and not self.requestHeaders.hasHeader(b"upload-checksum")):
                 upload.data += body[: (upload.length or 0) - len(upload.data)]
             self.drop_after = None
+            self.dropped = True
             self.channel.transport.abortConnection()
+
+        def process(self) -> None:
+            if not self.dropped:  # a dropped request is never answered
+                super().process()
 
     return FakeTusRequest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fake_tus_server import Drop, Status
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
 import storage
@@ -316,3 +318,22 @@ async def test_upload_interrupted_exit_1(payload_file, reactor):
         await port.stopListening()
     assert code == 1
     assert b"upload failed: interrupted" in b"".join(err)
+
+
+@pytest.mark.parametrize("keep_partial", [True, False])
+@ensure
+async def test_upload_from_stdin_resumes(fake_factory, keep_partial):
+    """stdin cannot seek, yet a PATCH cut in the middle is resumed: the stream
+    keeps one chunk to rewind (the server keeps part of it, or none)."""
+    fake = fake_factory(keep_partial=keep_partial)
+    data = os.urandom(300_000)
+    url = fake.precreate(len(data))
+    fake.add_faults("PATCH", None, Drop(30_000))  # the second chunk is cut
+    proc = await deferToThread(
+        subprocess.run, [sys.executable, "-m", "storage.cli.upload", url, "-", "--size",
+                         str(len(data)), "--chunk-size", "64k", "-q"],
+        input=data, capture_output=True, env=cli_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert fake.data(url) == data
+    offsets = [offset for _, offset, _ in fake.patches]
+    assert offsets[:3] == [0, 65536, 65536 + 30_000 if keep_partial else 65536], fake.patches
