@@ -476,7 +476,7 @@ class SocketThreads(BlockingPool):
 
     name = "upload-socket-threads"  # type: ignore[assignment]
 
-    def __init__(self, reactor: Any, limit: int = 8) -> None:
+    def __init__(self, reactor: Any, limit: int = 32) -> None:
         super().__init__(reactor, max_threads=limit)
         self.limit = limit
         self.active = 0
