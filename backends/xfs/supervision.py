@@ -64,8 +64,17 @@ class HelperProcess(Service):
     @defer.inlineCallbacks
     def stopService(self):
         super().stopService()
+        # Closing its stdin asks the helper (--exit-with-parent) to exit; this
+        # works after twistd dropped root, when signalling a root child does not.
+        for proto in list(self.monitor.protocols.values()):
+            if proto.transport is not None:
+                proto.transport.closeStdin()  # type: ignore[attr-defined]
         if self.monitor.running:
-            self.monitor.stopService()  # TERM now, KILL after killTime
+            try:
+                self.monitor.stopService()  # TERM now, KILL after killTime
+            except PermissionError:
+                log.info("{name}: the helper is root and we are not; it exits as its stdin closed",
+                         name=self.process_name)
         for _ in range(100):  # wait (bounded) for the child to be reaped
             if not self.monitor.protocols:
                 return

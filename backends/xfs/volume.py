@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from backends.base import Capability, QuotaConfig, QuotaUsage
 from backends.vfs import VfsVolume
 from storage.config import ConfigError
@@ -39,6 +41,7 @@ from .supervision import HelperProcess
 from .validate import MAX_LIMIT_BYTES
 
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+log = Logger()
 
 
 class QuotaDirectoryNotEmpty(StorageError):
@@ -126,11 +129,11 @@ class XfsVolume(VfsVolume):
             argv += ["--lock", o.lock_file]
         if o.xfs_quota:
             argv += ["--xfs-quota", o.xfs_quota]
-        uids = [os.geteuid(), *o.helper_allowed_uids]
+        # The first uid owns the socket: the one the daemon will run as.
         run_as = getattr(self.context, "run_as_uid", None)
-        if run_as is not None:
-            uids.append(run_as)
-        for uid in dict.fromkeys(uids):
+        uids = [*([run_as] if run_as is not None else []), *o.helper_allowed_uids, os.geteuid()]
+        self.helper_allowed_uids = list(dict.fromkeys(uids))
+        for uid in self.helper_allowed_uids:
             argv += ["--allowed-uid", str(uid)]
         return argv
 
@@ -143,6 +146,12 @@ class XfsVolume(VfsVolume):
         super().startService()
         if self.helper_process is not None and not self.helper_process.running:
             self.helper_process.startService()
+        if self.helper_process is not None and os.geteuid() not in self.helper_allowed_uids:
+            log.error(
+                "volume {name}: the daemon now runs as uid {uid}, which the XFS helper does not "
+                "accept (it was started for uids {uids}); add it to helper-allowed-uids",
+                name=self.name, uid=os.geteuid(), uids=self.helper_allowed_uids,
+            )
         self.helper.startService()
 
     async def _stop(self) -> None:
