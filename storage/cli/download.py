@@ -171,14 +171,21 @@ class Downloader:
     async def close(self) -> None:
         await self.pool.closeCachedConnections()
 
+    def _local_size(self) -> int:
+        path = self.output
+        return path.stat().st_size if path is not None and path.exists() else 0
+
     async def run(self) -> Path:
         failures = 0
         while True:
+            before = self._local_size()
             try:
                 return await self._attempt()
             except TusError as err:
                 if not err.retryable:
                     raise
+                if self._local_size() > before:
+                    failures = 0  # the attempt got somewhere: count failures in a row
                 failures += 1
                 if failures > self.retry.retries:
                     raise
