@@ -175,7 +175,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _listen(reactor, path: str, factory, owner_uid: int) -> defer.Deferred:
     parent = Path(path).parent
-    parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not parent.is_dir():
+        parent.mkdir(parents=True)
+        os.chmod(parent, 0o755)  # the proxy must reach the socket in it
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # left by a dead helper; the lock file says whether it is alive
@@ -209,6 +211,9 @@ def run_worker(args: argparse.Namespace, reactor) -> None:
         r=len(summary.repaired), d=len(summary.dropped), f=len(summary.failed),
     )
     allowed = frozenset(args.allowed_uid)
+    # The socket is born 0600 (no window before Twisted's chmod); every file
+    # the helper writes sets its mode explicitly.
+    os.umask(0o077)
     d = _listen(reactor, args.socket, HelperFactory(keeper, allowed), args.allowed_uid[0])
 
     def listening(_):
