@@ -366,10 +366,16 @@ class UploadWriter:
         self.start = state.offset  # where this request's bytes begin
         self.offset = state.offset  # bytes written so far (not necessarily durable)
         self.writeback_from = state.offset
+        # Off when many uploads run at once: the kernel's own write-back keeps
+        # the disk busy then, and early requests only make writers queue.
+        self.early_writeback = True
 
     def start_writeback(self) -> None:
         """Ask the kernel to begin writing out what arrived (non-blocking, best effort)."""
-        if _sync_file_range is None or self.offset - self.writeback_from < WRITEBACK_STEP:
+        if (
+            _sync_file_range is None or not self.early_writeback
+            or self.offset - self.writeback_from < WRITEBACK_STEP
+        ):
             return
         _sync_file_range(self.fd, self.writeback_from, self.offset - self.writeback_from, SYNC_FILE_RANGE_WRITE)
         self.writeback_from = self.offset

@@ -68,6 +68,8 @@ TUS_VERSION = "1.0.0"
 EXTENSIONS = ("creation", "termination", "checksum", "expiration", "concatenation")
 CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_OCTET_STREAM = b"application/offset+octet-stream"
+# With more PATCH bodies than this streaming at once, leave write-back to the kernel.
+EARLY_WRITEBACK_MAX_PATCHES = 4
 TUS_HEADERS = (
     "Tus-Resumable, Tus-Version, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, "
     "Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
@@ -247,6 +249,7 @@ class TusUploads:
         self.site: StorageSite | None = None
         self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
         self.socket_threads = SocketThreads(reactor)
+        self.patches_in_flight = 0
         keep_body_buffers_in_the_heap()
 
     def services(self) -> list[Any]:
@@ -564,6 +567,8 @@ class PatchInProgress:
             expected=length, direct=self._direct, request=request,
         )
         self.finished: Deferred[None] = self.sink.done.addBoth(self._body_done)
+        tus.patches_in_flight += 1
+        self.finished.addBoth(self._count_done)
         tus.pool.run(self._open).addCallback(self._opened).chainDeferred(ready)
 
     def _open(self) -> PatchTarget:
@@ -584,6 +589,10 @@ class PatchInProgress:
             raise
         return PatchTarget(self.tus.pool, writer, self.checksum)
 
+    def _count_done(self, result: Any) -> Any:
+        self.tus.patches_in_flight -= 1
+        return result
+
     def _direct(self, sock: Any, count: int) -> Deferred[Any] | None:
         """Read the rest of the body straight off the socket in a thread, if one is free."""
         tus = self.tus
@@ -601,6 +610,7 @@ class PatchInProgress:
 
     def _opened(self, target: PatchTarget) -> PatchTarget:
         self.target = target
+        target.writer.early_writeback = self.tus.patches_in_flight <= EARLY_WRITEBACK_MAX_PATCHES
         self.sink.limit = target.writer.state.length - target.writer.state.offset
         return target
 
