@@ -466,3 +466,14 @@ def test_staging_files_never_appear_at_the_target_before_completion(h):
     assert h.patch(token, 9, b"x").status == 204
     assert h.target().read_bytes() == b"x" * 10
     assert os.listdir(h.vfolder / "data") == ["file.bin"]
+
+
+def test_patches_in_flight_are_counted_down_whatever_the_outcome(h):
+    token, _ = h.new_upload(6)
+    assert h.patch(token, 0, b"abc").status == 204
+    assert h.patch(token, 1, b"abc").status == 409
+    conn = Connection(h)
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "3"}), 3)
+    assert h.tus.patches_in_flight == 1
+    conn.drop()
+    assert h.tus.patches_in_flight == 0

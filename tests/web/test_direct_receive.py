@@ -127,3 +127,18 @@ def test_decoder_attributes_used_by_the_hand_off():
     request.requestReceived = lambda *args: received.append(args)
     assert consumed_elsewhere(channel, 3)
     assert received and received[0][0] == b"PATCH"
+
+
+def test_write_back_starts_every_step_unless_switched_off(writer, monkeypatch):
+    from storage import uploads
+
+    calls = []
+    monkeypatch.setattr(uploads, "_sync_file_range", lambda fd, off, n, flags: calls.append((off, n)) or 0)
+    monkeypatch.setattr(uploads, "WRITEBACK_STEP", 1 << 20)
+    writer.write([b"x" * (600 << 10)])
+    assert calls == []
+    writer.write([b"x" * (600 << 10)])
+    assert calls == [(0, 1200 << 10)]
+    writer.early_writeback = False
+    writer.write([b"x" * (1200 << 10)])
+    assert calls == [(0, 1200 << 10)]
