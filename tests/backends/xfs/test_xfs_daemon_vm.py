@@ -80,6 +80,9 @@ def unprivileged_daemon():
         daemon.stop()
         print(daemon.log[-6000:])  # shown when the test fails
         shutil.rmtree(base, ignore_errors=True)
+        # The registry goes with `base`: free the project IDs' usage too, or
+        # the next registry on this filesystem would reuse charged IDs.
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _python_works_as(uid: int) -> bool:
