@@ -257,11 +257,8 @@ class ManagerAPI:
         return [BackgroundTaskService(self.bgtasks, self.reactor, getattr(self.config, "shutdown_grace", 10.0))]
 
     def site(self) -> StorageSite:
-        resource = self.app.resource()
-        try:
-            return StorageSite(resource, max_body=self.config.max_manager_body)  # type: ignore[call-arg]
-        except TypeError:  # a StorageSite without a body cap: params.py still enforces it
-            return StorageSite(resource)
+        # The site answers 413 before buffering an oversized body; params.py checks again.
+        return StorageSite(self.app.resource(), max_body=self.config.max_manager_body)
 
     # -- helpers ------------------------------------------------------------
 

@@ -405,3 +405,75 @@ async def test_oversized_body_is_413_problem_json(daemon: StorageProxyProcess) -
     assert json.loads(data)["type"].startswith(BASE)
     code, _, _ = await raw(daemon, "GET", "/")  # and the daemon is fine
     assert code == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_route_status_content_type_and_body(daemon: StorageProxyProcess, client: ManagerClient) -> None:
+    """One valid request per route on the real daemon: status, Content-Type and body shape."""
+    vfid, qsid = new_vfid(), f"user:{uuid.uuid4()}"
+    await client.create_folder("local", vfid)
+    (on_disk(daemon, vfid) / "f.txt").write_bytes(b"data")
+    v = {"volume": "local", "vfid": vfid}
+    checks: list[tuple[str, str, Any, int, str | None, Any]] = [
+        ("GET", "/", None, 200, JSON, lambda b: b["type"] == "manager-facing"),
+        ("GET", "/status", None, 200, JSON, lambda b: b["status"] == "ok"),
+        ("GET", "/health", None, 200, JSON, lambda b: b["component"] == "storage-proxy"),
+        ("GET", "/livez", None, 200, JSON, lambda b: b["status"] == "ok"),
+        ("GET", "/readyz", None, 200, JSON, lambda b: b["status"] == "ok"),
+        ("GET", "/volumes", None, 200, JSON, lambda b: len(b["volumes"]) == 2),
+        ("GET", "/volume/hwinfo", {"volume": "local"}, 200, JSON, lambda b: b["status"] == "healthy"),
+        ("GET", "/volume/performance-metric", {"volume": "local"}, 400, PROBLEM,
+         lambda b: b["type"] == BASE + "unsupported-operation"),
+        ("GET", "/folder/fs-usage", {"volume": "local"}, 200, JSON, lambda b: b["capacity_bytes"] > 0),
+        ("GET", "/volume/quota", {"volume": "local"}, 400, PROBLEM, lambda b: "deprecated" in b["msg"]),
+        ("PATCH", "/volume/quota", {"volume": "local", "size_bytes": 10}, 400, PROBLEM,
+         lambda b: "deprecated" in b["msg"]),
+        ("POST", "/quota-scope", {"volume": "local", "qsid": qsid}, 204, None, None),
+        ("GET", "/quota-scope", {"volume": "local", "qsid": qsid}, 200, JSON,
+         lambda b: set(b) == {"used_bytes", "limit_bytes"}),
+        ("PATCH", "/quota-scope", {"volume": "local", "qsid": qsid, "options": {"limit_bytes": 1}}, 204, None, None),
+        ("DELETE", "/quota-scope/quota", {"volume": "local", "qsid": qsid}, 204, None, None),
+        ("POST", "/folder/create", {"volume": "local", "vfid": new_vfid()}, 204, None, None),
+        ("GET", "/folder/mount", v, 200, JSON, lambda b: b["path"].endswith(VFolderID.parse(vfid).folder_id.hex[4:])),
+        ("POST", "/folder/metadata", {**v, "payload": "m"}, 200, JSON, lambda b: b == {"status": "ok"}),
+        ("GET", "/folder/metadata", v, 200, JSON, lambda b: b == {"status": "ok", "payload": "m"}),
+        ("GET", "/folder/usage", v, 200, JSON, lambda b: b["file_count"] >= 1),
+        ("GET", "/folder/used-bytes", v, 200, JSON, lambda b: b["used_bytes"] >= 4),
+        ("POST", "/folder/file/mkdir", {**v, "relpath": ["d1", "d2"]}, 200, JSON,
+         lambda b: len(b["results"]["success"]) == 2),
+        ("POST", "/folder/file/list", {**v, "relpath": "."}, 200, JSON,
+         lambda b: {i["name"] for i in b["items"]} == {"f.txt", "d1", "d2"}),
+        ("POST", "/folder/file/rename", {**v, "relpath": "d1", "new_name": "d3"}, 204, None, None),
+        ("POST", "/folder/file/move", {**v, "src_relpath": "d3", "dst_relpath": "d2/d3"}, 204, None, None),
+        ("POST", "/folder/file/fetch", {**v, "relpath": "f.txt"}, 200, "application/octet-stream", b"data"),
+        ("POST", "/folder/file/download", {**v, "relpath": "f.txt"}, 200, JSON, lambda b: b["token"].count(".") == 2),
+        ("POST", "/folder/file/archive-download-token", {"volume": "local", "virtual_folder_id": vfid,
+                                                          "files": ["f.txt"]}, 200, JSON, lambda b: "token" in b),
+        ("POST", "/folder/file/upload", {**v, "relpath": "u.bin", "size": 3}, 200, JSON, lambda b: "token" in b),
+        ("POST", "/folder/file/delete", {**v, "relpaths": ["f.txt"]}, 200, JSON, lambda b: b == {"status": "ok"}),
+        ("POST", "/folder/file/delete-async", {**v, "relpaths": ["d2"], "recursive": True}, 202, JSON,
+         lambda b: uuid.UUID(b["bgtask_id"])),
+        ("POST", "/folder/clone", {"src_volume": "local", "src_vfid": vfid, "dst_volume": None,
+                                   "dst_vfid": new_vfid()}, 200, JSON, lambda b: uuid.UUID(b["bgtask_id"])),
+        ("POST", "/folder/delete", {"volume": "local", "vfid": new_vfid()}, 202, JSON,
+         lambda b: uuid.UUID(b["bgtask_id"])),
+    ]
+    headers = {AUTH_HEADER: daemon.manager_secret}
+    last_task = None
+    for method, path, body, status, ctype, check in checks:
+        code, got_type, data = await raw(daemon, method, path, body, headers=headers)
+        assert (code, got_type) == (status, ctype), (method, path, data[:300])
+        if isinstance(check, bytes):
+            assert data == check, path
+        elif check is not None:
+            parsed = json.loads(data)
+            assert check(parsed), (path, parsed)
+            last_task = parsed.get("bgtask_id", last_task) if isinstance(parsed, dict) else last_task
+        else:
+            assert data == b"", path
+    code, got_type, data = await raw(daemon, "GET", f"/bgtask/{last_task}", headers=headers)
+    assert (code, got_type) == (200, JSON) and json.loads(data)["task_id"] == last_task
+    code, got_type, data = await raw(daemon, "POST", f"/bgtask/{last_task}/cancel", headers=headers)
+    assert code in (200, 202) and got_type == JSON
+    code, got_type, data = await raw(daemon, "GET", "/metrics")
+    assert code == 200 and got_type.startswith("text/plain") and b"storage_proxy_manager_requests_total" in data
