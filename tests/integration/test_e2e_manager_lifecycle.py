@@ -98,3 +98,25 @@ def test_an_unknown_backend_names_the_key(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Traceback" not in result.stdout + result.stderr
     assert "[volume.local] backend" in one_line(result.stderr)
+
+
+def test_a_client_leaving_mid_fetch_is_harmless(storage_proxy: StorageProxyProcess) -> None:
+    daemon = storage_proxy
+    vfid = f"user:{uuid.uuid4()}/{uuid.uuid4().hex}"
+    assert manager_call(daemon, "POST", "/folder/create", {"volume": "local", "vfid": vfid})[0] == 204
+    (daemon.volume_path("local") / VFolderID.parse(vfid).relative_path() / "big.bin").write_bytes(
+        b"z" * FILE_SIZE)
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=30)
+        conn.request("POST", "/folder/file/fetch",
+                     body=json.dumps({"volume": "local", "vfid": vfid, "relpath": "big.bin"}),
+                     headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret})
+        response = conn.getresponse()
+        assert response.read(1024) == b"z" * 1024
+        conn.sock.close()  # leave without reading the rest
+        conn.close()
+    time.sleep(0.5)
+    status, body = manager_call(daemon, "GET", "/folder/usage", {"volume": "local", "vfid": vfid})
+    assert status == 200 and json.loads(body)["used_bytes"] >= FILE_SIZE
+    assert daemon.stop() in CLEAN_EXIT
+    assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log, daemon.log[-3000:]
