@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -73,6 +74,17 @@ def sendfile_socket(request: Any) -> int | None:
         return None
 
 
+# Like nginx's tcp_nopush: full segments while the body streams, the tail pushed at the end.
+CORK = True
+
+
+def _set_cork(sock: socket.socket, value: int) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, value)
+    except OSError:
+        pass  # the peer is gone: nothing left to push
+
+
 def _unregister(request: Any) -> None:
     # After the connection is lost twisted.web has dropped request.channel.
     if getattr(request, "channel", None) is not None:
@@ -106,6 +118,8 @@ class SendfileProducer:
         self.pool = pool
         self.transport = request.channel.transport
         self.sock = -1
+        self.sock_obj: socket.socket | None = None
+        self._corked = False
         self._in_pool = False
         self._stopped = False
         self._closed = False
@@ -115,7 +129,9 @@ class SendfileProducer:
         fd = sendfile_socket(self.request)
         if fd is None:
             raise RuntimeError("SendfileProducer needs a plain TCP connection")
-        self.sock = os.dup(fd)
+        # Our own descriptor of the socket: valid even if Twisted closes its one.
+        self.sock_obj = socket.socket(fileno=os.dup(fd))
+        self.sock = self.sock_obj.fileno()
         stats["sendfile_responses"] += 1
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
@@ -158,6 +174,9 @@ class SendfileProducer:
 
     def _send_blocking(self) -> bool:
         """Send until done (True) or the socket is full (False)."""
+        if CORK and not self._corked:
+            self._corked = True
+            _set_cork(self.sock_obj, 1)
         while self.remaining > 0 and not self._stopped:
             try:
                 n = fastio.sendfile(self.sock, self.file_fd, self.offset, self.remaining)
@@ -190,9 +209,13 @@ class SendfileProducer:
             return
         self._closed = True
         stats["sendfile_bytes"] += self.sent
-        for fd in (self.sock, self.file_fd):
-            if fd >= 0:
-                os.close(fd)
+        if self.sock_obj is not None:
+            if self._corked:
+                _set_cork(self.sock_obj, 0)  # push out the last partial segment now
+            self.sock_obj.close()
+            self.sock_obj = None
+        if self.file_fd >= 0:
+            os.close(self.file_fd)
         self.sock = self.file_fd = -1
         _unregister(self.request)
         if not self._done.called:

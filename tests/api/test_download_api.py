@@ -4,7 +4,7 @@ blocking work inline (so every response is complete when a request returns).
 
 Over StubTreq there is no socket, so bodies go through the pread fallback
 (``ChunkProducer``); the sendfile path is tested over real sockets in
-tests/integration/test_downloads.py.
+tests/integration/test_download_sockets.py.
 """
 
 from __future__ import annotations
