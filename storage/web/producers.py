@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -76,6 +77,9 @@ def sendfile_socket(request: Any) -> int | None:
 
 # Like nginx's tcp_nopush: full segments while the body streams, the tail pushed at the end.
 CORK = True
+# How long a pool thread waits for a full socket to drain before handing the
+# wait to the reactor (milliseconds).
+SPIN_WAIT_MS = 5
 
 
 def _set_cork(sock: socket.socket, value: int) -> None:
@@ -120,6 +124,7 @@ class SendfileProducer:
         self.sock = -1
         self.sock_obj: socket.socket | None = None
         self._corked = False
+        self._poller: Any = None
         self._in_pool = False
         self._stopped = False
         self._closed = False
@@ -181,6 +186,14 @@ class SendfileProducer:
             try:
                 n = fastio.sendfile(self.sock, self.file_fd, self.offset, self.remaining)
             except BlockingIOError:
+                # A fast reader frees room within moments: wait briefly here
+                # rather than bouncing through the reactor; a slow one gets
+                # the reactor's wait and does not hold this thread.
+                if self._poller is None:
+                    self._poller = select.poll()
+                    self._poller.register(self.sock, select.POLLOUT)
+                if self._poller.poll(SPIN_WAIT_MS):
+                    continue
                 return False
             if n == 0:
                 raise SourceShrank(f"the file ended {self.remaining} bytes early")

@@ -190,11 +190,14 @@ async def test_curl_downloads_two_files_on_one_connection(proxy, big_payload, tm
     assert not errors
 
 
+@pytest.mark.parametrize("spin_ms", [0, producers.SPIN_WAIT_MS])
 @pytest_twisted.ensureDeferred
-async def test_slow_reader_gets_every_byte(proxy, errors):
+async def test_slow_reader_gets_every_byte(proxy, errors, monkeypatch, spin_ms):
     """A reader slower than the disk fills the socket buffer: sendfile hits
-    EAGAIN and the producer waits for writability through the reactor,
-    again and again, without losing or repeating a byte."""
+    EAGAIN and the producer waits for writability (briefly in the pool
+    thread, then through the reactor), again and again, without losing or
+    repeating a byte.  With no spin every wait goes through the reactor."""
+    monkeypatch.setattr(producers, "SPIN_WAIT_MS", spin_ms)
     payload = os.urandom(32 << 20)
     (proxy.vfolder / "f.bin").write_bytes(payload)
     waits = producers.stats["sendfile_waits"]
@@ -212,6 +215,8 @@ async def test_slow_reader_gets_every_byte(proxy, errors):
                 recvs += 1
                 if recvs % 8 == 0:
                     time.sleep(0.002)
+                if recvs % 128 == 0:
+                    time.sleep(0.03)  # longer than the pool thread's own wait
                 body_at = received.find(b"\r\n\r\n") + 4
                 if body_at > 3 and len(received) - body_at >= len(payload):
                     return bytes(received[body_at:])
