@@ -14,8 +14,12 @@ drained only while the producer is "paused", so the producer sets
 ``transport.producerPaused`` and ``startWriting()``: when the socket is
 writable and the buffer empty, ``doWrite`` calls ``resumeProducing`` and the
 producer moves to the pool, where it calls sendfile on its own ``dup`` of
-the socket until the range is sent or the socket is full (EAGAIN); then the
-same arming waits for writability again.  The ``dup`` keeps the fd number
+the socket until the range is sent or the socket is full (EAGAIN).  On
+EAGAIN the pool thread first polls the socket for up to ``SPIN_WAIT_MS`` (a
+fast reader drains it within that, and the hop through the reactor costs
+more than the wait); if it is still full, the same arming hands the wait to
+the reactor, so a slow client holds no thread.  The socket is corked
+(``TCP_CORK``, nginx's ``tcp_nopush``) while the body streams.  The ``dup`` keeps the fd number
 valid even if Twisted closes the connection while a pool thread uses it.
 This relies on ``twisted.internet.abstract.FileDescriptor``'s documented
 ``producerPaused`` / ``startWriting`` behaviour; ``sendfile_socket`` checks
