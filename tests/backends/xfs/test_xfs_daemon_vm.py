@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+import treq
 from support.daemon import StorageProxyProcess
 from xfs_sandbox import real_xfs_mount
 
@@ -156,6 +157,21 @@ async def test_quota_scopes_through_an_unprivileged_daemon(unprivileged_daemon):
     assert 3 * MiB <= _fill(path / "data", 8 * MiB) <= 4 * MiB
     usage = await api.get_quota_scope("xfs", qsid)
     assert 3 * MiB <= usage["used_bytes"] <= 4 * MiB
+
+    # A tus upload into the full scope: 507, and the bytes that got in are kept
+    # (HEAD reports them as the offset to resume from).
+    await api.unset_quota("xfs", qsid)
+    await api.update_quota_scope("xfs", qsid, 6 * MiB)
+    token = await api.upload_token("xfs", vfid, "upload.bin", 8 * MiB)
+    url = f"{daemon.client_url}/upload?token={token}"
+    tus = {"Tus-Resumable": "1.0.0"}
+    response = await treq.patch(url, data=b"\x33" * (8 * MiB), headers={
+        **tus, "Upload-Offset": "0", "Content-Type": "application/offset+octet-stream"})
+    body = await response.text()
+    assert response.code == 507, body
+    head = await treq.head(url, headers=tus)
+    offset = int(head.headers.getRawHeaders("Upload-Offset")[0])
+    assert 0 < offset <= 3 * MiB
 
     # A clone into a scope that cannot hold it fails and leaves nothing.
     small = f"user:{uuid.uuid4()}"
