@@ -28,7 +28,7 @@ import stat
 import struct
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
 LIMIT32 = 0xFFFFFFFF  # "see the zip64 field" markers
@@ -192,7 +192,7 @@ class ZipWriter:
 
     # -- streaming ----------------------------------------------------------------
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Generator[bytes, None, None]:
         """The archive's bytes, in pieces of about ``chunk_size`` (blocking)."""
         out = bytearray()
         records: list[_Record] = []

@@ -183,7 +183,7 @@ class SendfileProducer:
 
     def _send_blocking(self) -> bool:
         """Send until done (True) or the socket is full (False)."""
-        if CORK and not self._corked:
+        if CORK and not self._corked and self.sock_obj is not None:
             self._corked = True
             _set_cork(self.sock_obj, 1)
         while self.remaining > 0 and not self._stopped:
