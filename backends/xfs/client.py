@@ -59,22 +59,23 @@ class HelperClient(Service):
             return service.stopService()
         return None
 
-    async def _connection(self) -> amp.AMP:
+    async def _connection(self, timeout: float | None = None) -> amp.AMP:
         if self._service is None:
             raise HelperUnavailable("the XFS volume is not started")
+        timeout = self.timeout if timeout is None else timeout
         d = self._service.whenConnected()
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(timeout, self.reactor)
         try:
             proto: amp.AMP = await d  # type: ignore[assignment]
             return proto
         except defer.TimeoutError:
             raise HelperUnavailable(
-                f"no XFS quota helper answered on {self.socket_path} within {self.timeout:g}s"
+                f"no XFS quota helper answered on {self.socket_path} within {timeout:g}s"
             ) from None
 
-    async def call(self, command: type[amp.Command], **kwargs: Any) -> dict[str, Any]:
+    async def call(self, command: type[amp.Command], *, _wait: float | None = None, **kwargs: Any) -> dict[str, Any]:
         for attempt in (1, 2):
-            proto = await self._connection()
+            proto = await self._connection(_wait)
             try:
                 return await proto.callRemote(command, **kwargs)
             except _LOST:
@@ -94,8 +95,8 @@ class HelperClient(Service):
 
     # -- the commands -----------------------------------------------------
 
-    async def ping(self) -> int:
-        return (await self.call(p.Ping))["version"]
+    async def ping(self, wait: float | None = None) -> int:
+        return (await self.call(p.Ping, _wait=wait))["version"]
 
     async def create_project(self, name: str, path: str, limit_bytes: int) -> int:
         return (await self.call(p.CreateProject, name=name, path=path, limit_bytes=limit_bytes))["project_id"]

@@ -174,6 +174,15 @@ class XfsVolume(VfsVolume):
                 raise ConfigError(f"[volume.{self.name}] path", problem)
         await self.helper.ping()
 
+    async def get_hwinfo(self) -> dict[str, Any]:
+        """Healthy only while the quota helper answers (quota calls fail otherwise)."""
+        info = await super().get_hwinfo()
+        try:
+            await self.helper.ping(wait=2.0)
+        except StorageError as exc:
+            return {**info, "status": "degraded", "status_info": exc.msg or str(exc)}
+        return info
+
     # -- quota scopes -----------------------------------------------------
 
     def _project(self, qsid: QuotaScopeID) -> tuple[str, str]:

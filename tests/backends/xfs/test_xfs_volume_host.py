@@ -73,6 +73,7 @@ async def _wait_for(predicate, timeout: float = 30.0):
 @pytest_twisted.ensureDeferred
 async def test_quota_scope_lifecycle(volume, sandbox):
     await volume.prepare()
+    assert (await volume.get_hwinfo())["status"] == "healthy"
     q = qsid()
     await volume.create_quota_scope(q, QuotaConfig(10 << 20))
     with pytest.raises(QuotaScopeExists):
@@ -173,6 +174,8 @@ async def test_an_unreachable_helper_is_a_bounded_execution_error(sandbox):
     vol, pool = make_volume(sandbox, **{"spawn-helper": False, "helper-timeout": 0.5})
     vol.startService()
     try:
+        info = await vol.get_hwinfo()
+        assert info["status"] == "degraded" and "no XFS quota helper answered" in info["status_info"]
         q = qsid()
         with pytest.raises(Exception, match="no XFS quota helper answered"):
             await vol.create_quota_scope(q, QuotaConfig(1 << 20))
