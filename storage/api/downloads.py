@@ -279,10 +279,11 @@ class Downloads:
 
     async def _send_body(self, request: Any, fd: int, offset: int, count: int) -> None:
         if sendfile_socket(request) is not None:
-            await SendfileProducer(request, fd, offset, count, self.pool).start()
+            await SendfileProducer(request, fd, offset, count, self.pool, self.reactor).start()
             return
         reader = FileRangeReader(fd, offset, count)
-        await ChunkProducer(request, reader, self.pool, close=reader.close, kind="pread").start()
+        await ChunkProducer(request, reader, self.pool, close=reader.close, kind="pread",
+                            reactor=self.reactor).start()
 
     async def _send_zip(
         self, request: Any, entries: list[ZipEntry], root: str, filename: str, no_cache: bool
@@ -299,7 +300,8 @@ class Downloads:
         if request.method == b"HEAD":
             return b""
         chunks = writer.chunks()
-        await ChunkProducer(request, lambda: next(chunks, b""), self.pool, close=chunks.close, kind="zip").start()
+        await ChunkProducer(request, lambda: next(chunks, b""), self.pool, close=chunks.close, kind="zip",
+                            reactor=self.reactor).start()
         return None
 
 

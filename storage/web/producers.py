@@ -84,6 +84,8 @@ CORK = True
 # How long a pool thread waits for a full socket to drain before handing the
 # wait to the reactor (milliseconds).
 SPIN_WAIT_MS = 5
+# A client that takes no bytes for this long (seconds) has its download aborted.
+IDLE_TIMEOUT = 120.0
 
 
 def _set_cork(sock: socket.socket, value: int) -> None:
@@ -107,6 +109,32 @@ def _abort(request: Any) -> None:
         transport.abortConnection()
 
 
+class IdleTimer:
+    """Aborts the connection if a download makes no progress for ``IDLE_TIMEOUT``
+    (twisted.web turns its own idle timeout off while a response is produced)."""
+
+    def __init__(self, reactor: Any, request: Any) -> None:
+        self.reactor = reactor
+        self.request = request
+        self.call: Any = None
+
+    def start(self) -> None:
+        if self.reactor is not None and self.call is None:
+            self.call = self.reactor.callLater(IDLE_TIMEOUT, self._expired)
+
+    def stop(self) -> None:
+        if self.call is not None:
+            if self.call.active():
+                self.call.cancel()
+            self.call = None
+
+    def _expired(self) -> None:
+        self.call = None
+        stats["idle_aborts"] += 1
+        log.info("download: the client took nothing for {timeout}s; closing the connection", timeout=IDLE_TIMEOUT)
+        _abort(self.request)
+
+
 @implementer(IPushProducer)
 class SendfileProducer:
     """Sends ``count`` bytes of ``file_fd`` from ``offset`` with sendfile.
@@ -117,8 +145,9 @@ class SendfileProducer:
     the caller then just lets the request finish.
     """
 
-    def __init__(self, request: Any, file_fd: int, offset: int, count: int, pool: Any) -> None:
+    def __init__(self, request: Any, file_fd: int, offset: int, count: int, pool: Any, reactor: Any = None) -> None:
         self.request = request
+        self._idle = IdleTimer(reactor, request)
         self.file_fd = file_fd
         self.offset = offset
         self.remaining = count
@@ -155,6 +184,7 @@ class SendfileProducer:
             self._close()
             return
         stats["sendfile_waits"] += 1
+        self._idle.start()
         self.transport.producerPaused = True
         self.transport.startWriting()
 
@@ -163,6 +193,7 @@ class SendfileProducer:
     def resumeProducing(self) -> None:
         if self._in_pool or self._closed or self._stopped:
             return
+        self._idle.stop()
         self._in_pool = True
         self.pool.run(self._send_blocking).addBoth(self._after_send)
 
@@ -225,6 +256,7 @@ class SendfileProducer:
         if self._closed or self._in_pool:
             return
         self._closed = True
+        self._idle.stop()
         stats["sendfile_bytes"] += self.sent
         if self.sock_obj is not None:
             if self._corked:
@@ -252,9 +284,10 @@ class ChunkProducer:
 
     def __init__(
         self, request: Any, next_chunk: Callable[[], bytes], pool: Any,
-        close: Callable[[], None] | None = None, kind: str = "push",
+        close: Callable[[], None] | None = None, kind: str = "push", reactor: Any = None,
     ) -> None:
         self.request = request
+        self._idle = IdleTimer(reactor, request)
         self.next_chunk = next_chunk
         self.pool = pool
         self.close_source = close
@@ -298,9 +331,11 @@ class ChunkProducer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._idle.start()
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self._idle.stop()
         self._schedule()
 
     def stopProducing(self) -> None:
@@ -312,6 +347,7 @@ class ChunkProducer:
         if self._closed or self._in_pool:
             return
         self._closed = True
+        self._idle.stop()
         stats[f"{self.kind}_bytes"] += self.sent
         if self.close_source is not None:
             try:

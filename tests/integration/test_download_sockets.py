@@ -259,6 +259,32 @@ async def test_client_disconnect_mid_download_leaks_nothing(proxy, big_payload, 
     assert await response.content() == big_payload[-4:]
 
 
+@pytest.mark.parametrize("archive", [False, True], ids=["sendfile", "zip"])
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_client_is_cut_off(proxy, monkeypatch, errors, archive):
+    """A client that stops reading (but stays connected) loses the download
+    after the idle timeout; its descriptors are released."""
+    monkeypatch.setattr(producers, "IDLE_TIMEOUT", 0.5)
+    (proxy.vfolder / "d").mkdir()
+    (proxy.vfolder / "d" / "big.bin").write_bytes(os.urandom(48 << 20))
+    await (await treq.get(proxy.url("d/big.bin"), headers={"Range": "bytes=0-9"})).content()
+    baseline = _open_fds()
+    aborts = producers.stats["idle_aborts"]
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    try:
+        target = "d" if archive else "d/big.bin"
+        query = "&archive=true" if archive else ""
+        request = proxy.request_bytes(target).replace(b" HTTP/1.1", query.encode() + b" HTTP/1.1", 1)
+        client.sendall(request)
+        first = await threads.deferToThread(client.recv, 65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        assert await _wait_for(lambda: producers.stats["idle_aborts"] > aborts)
+        assert await _wait_for(lambda: _open_fds() <= baseline + 1)  # + the client's own socket
+    finally:
+        client.close()
+    assert not errors
+
+
 @pytest_twisted.ensureDeferred
 async def test_directory_zip_over_a_socket(proxy):
     (proxy.vfolder / "d" / "sub").mkdir(parents=True)
