@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +64,12 @@ def parse_options(volume_name: str, options: dict[str, Any]) -> XfsOptions:
         helper_command = list(command)
     else:
         raise ConfigError(f"{prefix} helper-command", f"expected a command line or a list, got {command!r}")
+    if not os.path.isabs(helper_command[0]):
+        # spawnProcess does not search PATH.
+        found = shutil.which(helper_command[0])
+        if found is None:
+            raise ConfigError(f"{prefix} helper-command", f"{helper_command[0]!r} not found on PATH")
+        helper_command[0] = found
     spawn = raw.get("spawn-helper", True)
     if not isinstance(spawn, bool):
         raise ConfigError(f"{prefix} spawn-helper", f"expected true or false, got {spawn!r}")

@@ -327,7 +327,8 @@ def pquota_problem(mount: str) -> str | None:
 
 
 def _remove_empty_dir(path: Path) -> None:
+    """Best effort: never hides the error that made us clean up."""
     try:
         os.rmdir(path)
-    except FileNotFoundError:
+    except OSError:
         pass
