@@ -1,8 +1,10 @@
 """The reactor never blocks on the filesystem.
 
-While one request lists a 100 000-entry directory and another computes the
-usage of a 200 000-file tree, ``GET /`` on the same daemon keeps answering
-within 50 ms.  The trees are built once per session (empty files made with
+While one request lists a 100 000-entry directory (capped by the default
+``scandir-limit`` of 1000 entries; the list is sent again and again for as
+long as the other request runs) and another computes the usage of a
+200 000-file tree, ``GET /`` on the same daemon keeps answering within
+50 ms.  The trees are built once per session (empty files made with
 ``mknod``).  The daemon is a real subprocess; the heavy requests run in
 threads of this process and the pings in the main thread, over plain
 ``http.client`` so no reactor of ours is in the way.
@@ -35,8 +37,8 @@ from support.daemon import StorageProxyProcess
 
 from storage.vfid import VFolderID
 
-LIST_ENTRIES = 100_500
-SCANDIR_LIMIT = 100_000
+LIST_ENTRIES = 100_000
+SCANDIR_LIMIT = 1000  # the default
 TREE_DIRS, TREE_FILES_PER_DIR = 400, 500  # 200 000 files
 BOUND = 0.050
 ATTEMPTS = 5
@@ -84,22 +86,32 @@ def big_volume(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 class Heavy(threading.Thread):
-    def __init__(self, port: int, secret: str, method: str, path: str, body: dict[str, Any]) -> None:
+    """Sends one request; with ``until``, sends it again until that thread is done."""
+
+    def __init__(self, port: int, secret: str, method: str, path: str, body: dict[str, Any],
+                 until: threading.Thread | None = None) -> None:
         super().__init__(daemon=True)
         self.args = (port, secret, method, path, body)
+        self.until = until
         self.status: int | None = None
         self.body = b""
+        self.count = 0
         self.error: BaseException | None = None
 
     def run(self) -> None:
         port, secret, method, path, body = self.args
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-            conn.request(method, path, body=json.dumps(body),
-                         headers={"X-BackendAI-Storage-Auth-Token": secret, "Content-Type": "application/json"})
-            response = conn.getresponse()
-            self.status = response.status
-            self.body = response.read()
+            while True:
+                conn.request(method, path, body=json.dumps(body),
+                             headers={"X-BackendAI-Storage-Auth-Token": secret,
+                                      "Content-Type": "application/json"})
+                response = conn.getresponse()
+                self.status = response.status
+                self.body = response.read()
+                self.count += 1
+                if self.status != 200 or self.until is None or not self.until.is_alive():
+                    break
             conn.close()
         except BaseException as exc:  # reported by the test
             self.error = exc
@@ -132,12 +144,12 @@ def measure(daemon: StorageProxyProcess) -> tuple[float, int, Heavy, Heavy]:
     ping = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=30)
     ping.request("GET", "/")
     ping.getresponse().read()  # warm the connection
-    listing = Heavy(daemon.manager_port, daemon.manager_secret, "POST", "/folder/file/list",
-                    {"volume": "local", "vfid": LIST_VFID, "relpath": "big"})
     usage = Heavy(daemon.manager_port, daemon.manager_secret, "GET", "/folder/usage",
                   {"volume": "local", "vfid": TREE_VFID})
-    listing.start()
+    listing = Heavy(daemon.manager_port, daemon.manager_secret, "POST", "/folder/file/list",
+                    {"volume": "local", "vfid": LIST_VFID, "relpath": "big"}, until=usage)
     usage.start()
+    listing.start()
     worst, overlapped = 0.0, 0
     while listing.is_alive() or usage.is_alive():
         both = listing.is_alive() and usage.is_alive()
@@ -186,11 +198,12 @@ def test_get_status_answers_within_50ms_during_huge_list_and_usage(big_volume: P
         assert usage.status == 200, usage.body[:300]
         items = json.loads(listing.body)["items"]
         assert len(items) == SCANDIR_LIMIT  # capped by scandir-limit
+        assert listing.count >= 2
         assert json.loads(usage.body)["file_count"] >= TREE_DIRS * TREE_FILES_PER_DIR
         # The load must really have overlapped the pings for the measurement to mean anything.
         assert overlapped >= 3, f"only {overlapped} pings while both requests ran"
-        results.append((round(worst * 1000, 1), overlapped))
+        results.append((round(worst * 1000, 1), overlapped, listing.count))
         if worst < BOUND:
             print(f"GET / max latency {worst * 1000:.1f} ms over {overlapped} pings under load; attempts: {results}")
             return
-    pytest.fail(f"GET / took over {BOUND * 1000:.0f} ms in every attempt (max ms, pings): {results}")
+    pytest.fail(f"GET / took over {BOUND * 1000:.0f} ms in every attempt (max ms, pings, listings): {results}")
