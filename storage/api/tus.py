@@ -605,7 +605,12 @@ class PatchInProgress:
             tus.socket_threads.active -= 1
             return result
 
-        d = tus.socket_threads.run(target.writer.receive, sock, count, target.hasher, tus.socket_threads.is_stopping)
+        sink = self.sink
+
+        def should_stop() -> bool:  # read from the socket thread
+            return tus.socket_threads.stopping or sink.stop_requested
+
+        d = tus.socket_threads.run(target.writer.receive, sock, count, target.hasher, should_stop)
         return d.addBoth(release)
 
     def _opened(self, target: PatchTarget) -> PatchTarget:

@@ -2,7 +2,8 @@
 
 * It counts work in flight (requests, and streamed bodies still being made
   durable after their client left) so a graceful stop can wait for them
-  (bounded) after the listener closes: ``drain()``.
+  (bounded) after the listener closes: ``drain()``, which also ends upload
+  bodies still arriving (their bytes are kept; tus clients resume).
 * ``max_body`` caps request bodies: a larger one is answered 413 without
   being read (the manager API's JSON bodies).
 * ``body_handler`` may take a request's body before twisted.web buffers it
@@ -66,7 +67,16 @@ class StorageSite(Site):
                 d.callback(None)
 
     def drain(self) -> Deferred[None]:
-        """Fires when nothing is in flight (the caller bounds the wait)."""
+        """Fires when nothing is in flight (the caller bounds the wait).
+
+        Streamed upload bodies still arriving are ended at once: what came is
+        made durable and the client resumes from it later, so a stop does
+        not wait out the grace period for a slow or stalled upload.
+        """
+        for item in list(self.in_flight):
+            stop_body = getattr(item, "stop_body", None)
+            if stop_body is not None:
+                stop_body()
         if not self.in_flight:
             return succeed(None)
         d: Deferred[None] = Deferred()

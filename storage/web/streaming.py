@@ -272,6 +272,12 @@ class StreamingRequest(Request):
         self.write(json.dumps(error.body()).encode())
         self.finish()
 
+    def stop_body(self) -> None:
+        """The daemon is stopping: end a streamed body now, keeping what came."""
+        sink = self.content
+        if not self._body_done and hasattr(sink, "stop"):
+            sink.stop()
+
     def connectionLost(self, reason: Failure) -> None:
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
@@ -331,6 +337,8 @@ class UploadSink:
         self.direct = direct
         self.request = request
         self.direct_runs = 0
+        self.direct_active = False
+        self.stop_requested = False
         self.handoff_pending = False
         self.limit = limit
         self.too_long = too_long
@@ -393,6 +401,18 @@ class UploadSink:
     def connection_lost(self) -> None:
         self.ended = True
         self._maybe_done()
+
+    def stop(self) -> None:
+        """End the body now (the daemon is stopping): keep what came, drop the
+        connection; a socket thread notices ``stop_requested`` and returns."""
+        if self.ended:
+            return
+        self.stop_requested = True
+        if self.direct_active:
+            return
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.loseConnection()
+        self.connection_lost()
 
     # -- internals ----------------------------------------------------------
 
@@ -477,6 +497,7 @@ class UploadSink:
             return False  # no thread free: stay on the reactor
         self.writing = remaining
         self.direct_runs += 1
+        self.direct_active = True
         saved_timeout = self.channel.setTimeout(None)
         started.addBoth(self._direct_done, remaining, saved_timeout)
         return True
@@ -484,6 +505,7 @@ class UploadSink:
     def _direct_done(self, result: Any, remaining: int, saved_timeout: Any) -> None:
         channel = self.channel
         self.writing = 0
+        self.direct_active = False
         error: Failure | None
         if isinstance(result, Failure):
             consumed, written, error, eof, stopped = 0, 0, result, False, None

@@ -297,3 +297,17 @@ def test_no_hand_off_when_every_socket_thread_is_busy(h):
     h.pool.run_all()
     [r] = conn.responses()
     assert r.status == 204
+
+
+def test_drain_ends_bodies_still_arriving_and_keeps_their_bytes(h):
+    conn, token, session = open_patch(h, 1 << 20, 1 << 20)
+    h.pool.step()
+    conn.send(b"k" * 3000)
+    h.pool.run_all()
+    drained = h.site.drain()
+    assert conn.transport.disconnecting
+    h.pool.run_all()
+    assert read_state(h.vfolder, session).offset == 3000
+    conn.drop()  # the transport reports the close it was asked for
+    h.pool.run_all()
+    assert drained.called

@@ -1,0 +1,34 @@
+"""Stopping the daemon (SIGTERM) mid-upload: it does not wait out the grace
+period for the upload, and the bytes received are kept for the resume."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
+
+from upload_client import UploadFixture  # noqa: E402
+
+
+def test_sigterm_mid_patch_keeps_the_bytes_and_stops_promptly(storage_proxy):
+    uploads = UploadFixture(storage_proxy)
+    size = 8 << 20
+    token = uploads.token("stop/file.bin", size)
+    s = socket.create_connection(("127.0.0.1", storage_proxy.client_port))
+    s.sendall(
+        f"PATCH /upload?token={token} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
+        f"Content-Length: {size}\r\n\r\n".encode() + b"q" * (3 << 20)
+    )
+    time.sleep(0.5)
+    started = time.monotonic()
+    storage_proxy.stop()
+    assert time.monotonic() - started < 8  # the grace period is 10 s
+    s.close()
+    storage_proxy.start()
+    assert uploads.offset(token) == 3 << 20
+    assert uploads.patch(token, 3 << 20, b"q" * (5 << 20)).status_code == 204
+    assert (uploads.vfolder / "stop" / "file.bin").read_bytes() == b"q" * size
