@@ -659,3 +659,60 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
     if not state.completed and not staging_path(vfolder, session).exists():
         raise UploadNotFound()
     return state
+
+
+# -- concatenation (tus) ------------------------------------------------------------
+
+
+def concatenate_parts(
+    vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float
+) -> UploadState:
+    """Join complete partial uploads into the token's upload with copy_file_range."""
+    if len(set(parts)) != len(parts):
+        raise InvalidAPIParameters.field("Upload-Concat", "a partial upload is named twice")
+    writer = open_writer(vfolder, session, 0)
+    part_writers: list[UploadWriter] = []
+    try:
+        total = 0
+        for part in parts:
+            try:
+                pw = open_writer(vfolder, part, None)
+            except UploadCompleted:
+                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} was already used") from None
+            part_writers.append(pw)
+            st = pw.state
+            if st.kind != PARTIAL or st.extra.get("owner") != session:
+                raise UploadNotFound(f"no such partial upload: {part}")
+            if st.offset != st.length:
+                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} is not complete")
+            total += st.length
+        if total != writer.state.length:
+            raise InvalidAPIParameters.field(
+                "Upload-Concat", f"the parts hold {total} bytes; the upload is {writer.state.length}"
+            )
+        for pw in part_writers:
+            src = os.open(staging_path(vfolder, pw.state.session), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                copied = fastio.copy_range(src, writer.fd, 0, writer.offset, pw.state.length)
+            finally:
+                os.close(src)
+            if copied != pw.state.length:
+                raise OSError(f"partial upload {pw.state.session} is shorter than its state says")
+            writer.offset += copied
+        writer.state = replace(writer.state, kind=FINAL, parts=tuple(parts))
+        writer.commit()
+        state = complete_upload(writer, dst_dir, keep)
+        for pw in part_writers:
+            pw.close()
+        for part in parts:
+            remove_upload(vfolder, part, force=True)
+        return state
+    except OSError as exc:
+        writer.rollback()
+        if _disk_full(exc):
+            raise InsufficientStorage(f"the joined upload does not fit: {exc.strerror}") from None
+        raise
+    finally:
+        for pw in part_writers:
+            pw.close()
+        writer.close()

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import hashlib
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
@@ -32,9 +30,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from storage import fastio
 from storage.blocking import BlockingPool
-from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
+from storage.errors import InvalidAPIParameters, RequestTooLarge, StorageError
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
 from storage.tokens import UploadToken, verify_upload_token
@@ -43,21 +40,19 @@ from storage.uploads import (
     NORMAL,
     PARTIAL,
     OffsetMismatch,
-    UploadBusy,
     UploadCompleted,
     UploadNotFound,
     UploadState,
     UploadWriter,
     complete_upload,
+    concatenate_parts,
     create_upload,
     is_session_id,
     new_session_id,
     open_writer,
     read_state,
     remove_upload,
-    staging_path,
     upload_status,
-    write_state,
 )
 from storage.web.site import UPLOAD_READ_SIZE, StorageSite
 from storage.web.streaming import StreamingRequest, UploadSink, keep_body_buffers_in_the_heap
@@ -654,63 +649,6 @@ class PatchInProgress:
         return d
 
 
-# -- concatenation (blocking) ------------------------------------------------------------
-
-
-def concatenate_parts(
-    vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float
-) -> UploadState:
-    """Join complete partial uploads into the token's upload with copy_file_range."""
-    if len(set(parts)) != len(parts):
-        raise InvalidAPIParameters.field("Upload-Concat", "a partial upload is named twice")
-    writer = open_writer(vfolder, session, 0)
-    part_writers: list[UploadWriter] = []
-    try:
-        total = 0
-        for part in parts:
-            try:
-                pw = open_writer(vfolder, part, None)
-            except UploadCompleted:
-                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} was already used") from None
-            part_writers.append(pw)
-            st = pw.state
-            if st.kind != PARTIAL or st.extra.get("owner") != session:
-                raise UploadNotFound(f"no such partial upload: {part}")
-            if st.offset != st.length:
-                raise InvalidAPIParameters.field("Upload-Concat", f"partial upload {part} is not complete")
-            total += st.length
-        if total != writer.state.length:
-            raise InvalidAPIParameters.field(
-                "Upload-Concat", f"the parts hold {total} bytes; the upload is {writer.state.length}"
-            )
-        for pw in part_writers:
-            src = os.open(staging_path(vfolder, pw.state.session), os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                copied = fastio.copy_range(src, writer.fd, 0, writer.offset, pw.state.length)
-            finally:
-                os.close(src)
-            if copied != pw.state.length:
-                raise OSError(f"partial upload {pw.state.session} is shorter than its state says")
-            writer.offset += copied
-        writer.state = replace(writer.state, kind=FINAL, parts=tuple(parts))
-        writer.commit()
-        state = complete_upload(writer, dst_dir, keep)
-        for pw in part_writers:
-            pw.close()
-        for part in parts:
-            remove_upload(vfolder, part, force=True)
-        return state
-    except OSError as exc:
-        writer.rollback()
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InsufficientStorage(f"the joined upload does not fit: {exc.strerror}") from None
-        raise
-    finally:
-        for pw in part_writers:
-            pw.close()
-        writer.close()
-
-
 # -- small helpers -------------------------------------------------------------------------
 
 
@@ -725,4 +663,3 @@ def janitor_interval(config: Any) -> float:
     return max(60.0, min(3600.0, expire / 4))
 
 
-__all__ = ["TusUploads", "UploadBusy", "write_state"]
