@@ -189,6 +189,21 @@ class _Pacer:
         return self._waiting
 
 
+def _unregister(request: Any, producer: Any) -> None:
+    """Unregister ``producer`` from ``request``, also after the client left.
+
+    Klein still finishes a request whose client disconnected, and
+    twisted.web logs an error if a producer is registered then; after a
+    disconnect the channel is gone, so only the request's reference is dropped.
+    """
+    if getattr(request, "producer", None) is not producer:
+        return
+    if getattr(request, "channel", None) is not None:
+        request.unregisterProducer()
+    else:
+        request.producer = None
+
+
 def _open_for_fetch(path: Path) -> Any:
     """Blocking: open a regular file for reading, never following a final symlink."""
     try:
@@ -639,8 +654,7 @@ class ManagerAPI:
                 request.write(chunk)
                 await pacer.ready()
         finally:
-            if not pacer.stopped:
-                request.unregisterProducer()
+            _unregister(request, pacer)
             # Not awaited: after a disconnect (cancellation) nobody waits for it.
             self.pool.run(f.close).addErrback(lambda failure: log.failure("closing {path}", failure, path=path))
         return b""
