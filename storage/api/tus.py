@@ -170,7 +170,7 @@ def upload_rest(path: bytes) -> str | None:
 def parse_offset(value: str | None, name: str = "Upload-Offset") -> int:
     if value is None:
         raise InvalidAPIParameters.field(name, "required")
-    if not value.isdigit() or len(value) > 19:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise InvalidAPIParameters.field(name, f"expected a non-negative integer, got {value!r}")
     return int(value)
 
