@@ -258,6 +258,7 @@ class SendfileProducer:
         self._closed = True
         self._idle.stop()
         stats["sendfile_bytes"] += self.sent
+        self.request.sentLength = getattr(self.request, "sentLength", 0) + self.sent  # for the access log
         if self.sock_obj is not None:
             if self._corked:
                 _set_cork(self.sock_obj, 0)  # push out the last partial segment now
