@@ -120,3 +120,41 @@ def test_a_client_leaving_mid_fetch_is_harmless(storage_proxy: StorageProxyProce
     assert status == 200 and json.loads(body)["used_bytes"] >= FILE_SIZE
     assert daemon.stop() in CLEAN_EXIT
     assert "Traceback" not in daemon.log and "Unhandled" not in daemon.log, daemon.log[-3000:]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_fetch_memory_is_bounded_for_a_slow_reader(storage_proxy: StorageProxyProcess) -> None:
+    """A 512 MiB (sparse) file fetched by a reader that takes its time: the
+    daemon reads ahead only as far as the socket lets it (backpressure)."""
+    daemon = storage_proxy
+    assert daemon.pid is not None and os.path.exists(f"/proc/{daemon.pid}/status")
+    vfid = f"user:{uuid.uuid4()}/{uuid.uuid4().hex}"
+    assert manager_call(daemon, "POST", "/folder/create", {"volume": "local", "vfid": vfid})[0] == 204
+    size = 512 << 20
+    with open(daemon.volume_path("local") / VFolderID.parse(vfid).relative_path() / "sparse.bin", "wb") as f:
+        f.truncate(size)
+    before = rss_bytes(daemon.pid)
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=60)
+    conn.request("POST", "/folder/file/fetch",
+                 body=json.dumps({"volume": "local", "vfid": vfid, "relpath": "sparse.bin"}),
+                 headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret})
+    response = conn.getresponse()
+    assert response.status == 200
+    received = len(response.read(1 << 20))
+    peak = 0
+    for _ in range(10):  # stall: an unbounded server would buffer the whole file now
+        time.sleep(0.1)
+        peak = max(peak, rss_bytes(daemon.pid))
+    while chunk := response.read(4 << 20):
+        received += len(chunk)
+    peak = max(peak, rss_bytes(daemon.pid))
+    conn.close()
+    assert received == size
+    assert peak - before < 64 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
