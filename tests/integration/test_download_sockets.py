@@ -26,6 +26,7 @@ import pytest
 import pytest_twisted
 import treq
 from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, globalLogPublisher
 
@@ -257,6 +258,23 @@ async def test_client_disconnect_mid_download_leaks_nothing(proxy, big_payload, 
     # The server still serves afterwards.
     response = await treq.get(proxy.url("big.bin"), headers={"Range": "bytes=-4"})
     assert await response.content() == big_payload[-4:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_more_downloads_than_pool_threads(proxy, errors):
+    """24 concurrent downloads on a 4-thread pool: a download waiting for its
+    client holds no thread for long, so all of them finish, byte-exact."""
+    payload = os.urandom(8 << 20)
+    (proxy.vfolder / "f.bin").write_bytes(payload)
+    digest = hashlib.sha256(payload).digest()
+
+    async def one():
+        response = await treq.get(proxy.url("f.bin"))
+        return hashlib.sha256(await response.content()).digest()
+
+    results = await gatherResults([Deferred.fromCoroutine(one()) for _ in range(24)])
+    assert results == [digest] * 24
+    assert not errors
 
 
 @pytest.mark.parametrize("archive", [False, True], ids=["sendfile", "zip"])
