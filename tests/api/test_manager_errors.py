@@ -154,6 +154,13 @@ async def test_unknown_route_and_method_are_problem_json(manager: StubManager) -
     assert (r.code, r.content_type) == (405, PROBLEM)
 
 
+@pytest.mark.parametrize("path", ["/%ff", "/folder/%c3%28", "/bgtask/%80"])
+@pytest_twisted.ensureDeferred
+async def test_non_utf8_paths_are_problem_json(manager: StubManager, path: str) -> None:
+    r = await manager.request("GET", path)
+    assert (r.code, r.content_type) == (400, PROBLEM)
+
+
 @pytest_twisted.ensureDeferred
 async def test_unexpected_failure_is_json_500_not_html(manager: StubManager, monkeypatch) -> None:
     volume = manager.volume()

@@ -477,3 +477,13 @@ async def test_every_route_status_content_type_and_body(daemon: StorageProxyProc
     assert code in (200, 202) and got_type == JSON
     code, got_type, data = await raw(daemon, "GET", "/metrics")
     assert code == 200 and got_type.startswith("text/plain") and b"storage_proxy_manager_requests_total" in data
+
+
+@pytest_twisted.ensureDeferred
+async def test_odd_urls_get_problem_json_never_html(daemon: StorageProxyProcess) -> None:
+    for path, status in (("/%ff", 400), ("/no/such/route", 404), ("/volumes/", 404)):
+        response = await treq.request("GET", daemon.manager_url.encode() + path.encode(),
+                                      headers={AUTH_HEADER: daemon.manager_secret})
+        await treq.content(response)
+        assert response.code == status, path
+        assert response.headers.getRawHeaders("content-type") == [PROBLEM], path

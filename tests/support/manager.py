@@ -68,7 +68,7 @@ class StubManager:
         self.volumes.startService()
         self.bgtasks = BackgroundTaskRegistry()
         self.api = ManagerAPI(self.config, self.volumes, self.bgtasks, self.pool, reactor)
-        self.stub = StubTreq(self.api.app.resource())
+        self.stub = StubTreq(self.api.resource())
         self._flusher = LoopingCall(self.stub.flush)
         self._flusher.clock = reactor
         self._flusher.start(0.002)
