@@ -112,7 +112,7 @@ def _encode_listing(entries: list[Any]) -> bytes:
 # -- turning backend failures into API errors --------------------------------------
 
 
-def _os_error(exc: OSError, vfolder: Path | None) -> StorageError:
+def _os_error(exc: OSError, vfolder: Path) -> StorageError:
     """Upstream answers an OSError of a file operation with 400 {msg, errno, paths}."""
     msg = exc.strerror or str(exc)
     if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
@@ -122,11 +122,10 @@ def _os_error(exc: OSError, vfolder: Path | None) -> StorageError:
         if not name:
             continue
         name = os.fsdecode(name)
-        if vfolder is not None:
-            try:
-                name = str(Path(name).relative_to(vfolder))
-            except ValueError:
-                name = os.path.basename(name)  # never reveal where volumes live
+        try:
+            name = str(Path(name).relative_to(vfolder))
+        except ValueError:
+            name = os.path.basename(name)  # never reveal where volumes live
         paths.append(name)
     return FileOperationFailed(msg, errno=exc.errno, paths=paths)
 
@@ -149,7 +148,10 @@ def api_route(path: str, method: str, *, auth: bool = True, name: str | None = N
             except NotImplementedError:
                 raise UnsupportedOperation("Unsupported operation by the storage backend") from None
             except OSError as exc:
-                raise _os_error(exc, getattr(request, "storage_vfolder_path", None)) from exc
+                vfolder = getattr(request, "storage_vfolder_path", None)
+                if vfolder is None:
+                    raise  # not a file operation: unexpected, logged, JSON 500
+                raise _os_error(exc, vfolder) from exc
 
         return app.route(path, methods=[method], endpoint=f"{method} {path}")(handler)
 

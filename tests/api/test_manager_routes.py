@@ -292,3 +292,19 @@ async def test_request_records_the_volume_for_logging(manager: StubManager, monk
     monkeypatch.setattr(manager_module.ManagerAPI, "_volume", record)
     await manager.client.fs_usage("local")
     assert seen == ["local"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_os_errors_of_file_operations_are_upstreams_400(manager: StubManager, monkeypatch) -> None:
+    vfid, path = await made(manager)
+    volume = manager.volume()
+
+    async def denied(vfid_, relpath, new_name):
+        raise PermissionError(13, "Permission denied", str(path / "a" / "b"), None, "/elsewhere/secret/c")
+
+    monkeypatch.setattr(volume, "rename", denied)
+    r = await manager.request("POST", "/folder/file/rename",
+                              {"volume": "local", "vfid": vfid, "relpath": "a/b", "new_name": "c"})
+    assert (r.code, r.content_type) == (400, PROBLEM)
+    body = r.json()
+    assert (body["msg"], body["errno"], body["paths"]) == ("Permission denied", 13, ["a/b", "c"])
