@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.manager import StubManager, stub_manager_fixture
 from twisted.logger import globalLogPublisher
+
+from storage.vfid import VFolderID
 
 PROBLEM = "application/problem+json"
 BASE = "https://api.backend.ai/probs/storage/"
@@ -213,3 +216,76 @@ async def test_no_response_is_ever_html_or_a_500(manager: StubManager, route, bo
     assert r.code < 500, (method, path, body, r.body[:300])
     if r.code >= 400:
         assert r.content_type == PROBLEM
+
+
+VFID = "user:00000000-0000-0000-0000-0000000000aa/000000000000000000000000000000bb"
+_plausible: dict[str, st.SearchStrategy] = {
+    "volume": st.sampled_from(["local", "nowhere", ""]),
+    "src_volume": st.just("local"),
+    "dst_volume": st.sampled_from([None, "local", "other"]),
+    "vfid": st.sampled_from([VFID, str(uuid.UUID(int=7)), "user:x/y"]),
+    "src_vfid": st.just(VFID),
+    "dst_vfid": st.sampled_from([VFID, f"user:{uuid.UUID(int=1)}/{uuid.UUID(int=2).hex}"]),
+    "virtual_folder_id": st.just(VFID),
+    "qsid": st.sampled_from(["user:00000000-0000-0000-0000-0000000000aa", "project:" + str(uuid.UUID(int=3))]),
+    "relpath": st.sampled_from([".", "a", "a/b", "f.txt", "..", "/etc", "a\x00", "ln", "x" * 300, ["a", "c"]]),
+    "relpaths": st.lists(st.sampled_from([".", "a", "f.txt", "ln", "a/b", "missing", ".."]), max_size=3),
+    "src_relpath": st.sampled_from([".", "a", "f.txt", "ln", "a/b"]),
+    "dst_relpath": st.sampled_from([".", "a", "f.txt", "ln", "a/b/c", "new", "f.txt/x"]),
+    "new_name": st.sampled_from(["n", ".", "..", "a/b", "f.txt", "", "x" * 300]),
+    "subpath": st.sampled_from([".", "a", "..", "ln"]),
+    "files": st.lists(st.sampled_from(["a", "f.txt", "..", "/x"]), max_size=3),
+    "filename": st.sampled_from([None, "x.zip", "..", "a/b"]),
+    "payload": st.sampled_from(["p", "", "\ud800"]),
+    "size": st.sampled_from([0, 1, -1, 10**30, "5"]),
+    "size_bytes": st.sampled_from([1, "1g", "x"]),
+    "mode": st.sampled_from([None, 0o755, 0o7777, -1, 10**9]),
+    "options": st.sampled_from([None, {}, {"limit_bytes": 1}, {"initial_max_size_for_quota_scope": "x"}]),
+    "parents": st.booleans(),
+    "exist_ok": st.booleans(),
+    "recursive": st.booleans(),
+    "archive": st.booleans(),
+}
+ROUTE_KEYS = {
+    "/folder/clone": ["src_volume", "src_vfid", "dst_volume", "dst_vfid"],
+    "/folder/file/archive-download-token": ["volume", "virtual_folder_id", "files", "filename"],
+    "/quota-scope": ["volume", "qsid", "options"],
+    "/quota-scope/quota": ["volume", "qsid"],
+}
+DEFAULT_KEYS = ["volume", "vfid", "relpath", "relpaths", "src_relpath", "dst_relpath", "new_name", "subpath",
+                "payload", "size", "size_bytes", "mode", "options", "parents", "exist_ok", "recursive", "archive"]
+
+
+@st.composite
+def plausible_bodies(draw, path: str) -> dict:
+    keys = ROUTE_KEYS.get(path, DEFAULT_KEYS)
+    chosen = draw(st.lists(st.sampled_from(keys), unique=True, max_size=len(keys)))
+    return {k: draw(st.one_of(_plausible[k], _json_values) if draw(st.integers(0, 9)) == 0 else _plausible[k])
+            for k in chosen}
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(data=st.data(), route=st.sampled_from(AUTHED_ROUTES))
+@pytest_twisted.ensureDeferred
+async def test_plausible_bodies_on_a_real_vfolder_never_500(manager: StubManager, data, route) -> None:
+    """Valid-looking parameters reach the backend: whatever they do, no 500 and no HTML."""
+    method, path = route
+    folder = manager.volume_path("local") / VFolderID.parse(VFID).relative_path()
+    if not folder.exists():
+        await manager.client.create_folder("local", VFID)
+    (folder / "a" / "b").mkdir(parents=True, exist_ok=True)
+    (folder / "f.txt").write_bytes(b"f")
+    # A symlink out of the vfolder, to a sacrificial directory with a canary in it.
+    outside = manager.workdir.parent / "outside"
+    (outside / "keep").mkdir(parents=True, exist_ok=True)
+    (outside / "canary").write_text("alive")
+    if not os.path.lexists(folder / "ln"):
+        os.symlink(outside, folder / "ln")
+    body = data.draw(plausible_bodies(path))
+    r = await manager.request(method, path, body)
+    assert "html" not in (r.content_type or ""), r.body[:200]
+    assert r.code < 500, (method, path, body, r.body[:300])
+    if r.code >= 400:
+        assert r.content_type == PROBLEM
+    assert (outside / "canary").read_text() == "alive"
+    assert sorted(os.listdir(outside)) == ["canary", "keep"], "something was written or removed outside"
