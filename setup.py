@@ -65,7 +65,16 @@ setup(
         "pyxattr>=0.8; sys_platform == 'linux'",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        # tuspy, aiotusclient and requests are third-party clients the interop
+        # tests drive against the daemon.
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "hypothesis>=6.100",
+            "requests>=2.31",
+            "tuspy>=1.0",
+            "aiotusclient>=0.1.4",
+        ],
     },
     entry_points={
         "console_scripts": [

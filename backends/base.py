@@ -82,6 +82,9 @@ class VolumeContext:
     pool: BlockingPool
     scandir_limit: int = 1000
     reactor: Any = None
+    # The uid the daemon runs as once it has dropped privileges (None: it keeps
+    # its own); the XFS helper must accept connections from it.
+    run_as_uid: int | None = None
 
 
 class AbstractVolume(Service):

@@ -149,7 +149,10 @@ class StorageProxy(SequentialMultiService):
         self.reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.pool.setServiceParent(self)
-        context = VolumeContext(pool=self.pool, scandir_limit=config.scandir_limit, reactor=reactor)
+        run_as_uid = _uid_gid(config)[0] if os.getuid() == 0 else None
+        context = VolumeContext(
+            pool=self.pool, scandir_limit=config.scandir_limit, reactor=reactor, run_as_uid=run_as_uid
+        )
         self.volumes = VolumeRegistry.from_config(config.volumes, context)
         self.volumes.setServiceParent(self)
         self.bgtasks = BackgroundTaskRegistry()
@@ -224,6 +227,41 @@ def _uid_gid(config: Config) -> tuple[int | None, int | None]:
     return uid, gid
 
 
+# Imported lazily by the stdlib and our dependencies on first use; once the
+# daemon has dropped to [storage-proxy] user, an interpreter under a private
+# directory (pyenv under /root) could no longer load them.
+LAZY_IMPORTS = (
+    "encodings.idna",
+    "encodings.latin_1",
+    "encodings.ascii",
+    "encodings.utf_8",
+    "werkzeug.routing",
+    "werkzeug.exceptions",
+    "werkzeug.http",
+    "email.utils",
+    "http.cookies",
+    "mimetypes",
+    "zipfile",
+    "hashlib",
+    "twisted.web.static",
+    "twisted.internet.utils",
+    "storage.zipstream",
+)
+
+
+def preload_lazy_imports() -> None:
+    import importlib
+
+    for name in LAZY_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import mimetypes
+
+    mimetypes.init()
+
+
 def make_service(config: Config, reactor: Any = None) -> StorageProxy:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -241,6 +279,8 @@ def makeService(options: Options) -> IService:
         # privilegedStartService and startService when uid/gid are set.
         if os.getuid() == 0:
             uid, gid = _uid_gid(config)
+            if uid is not None:
+                preload_lazy_imports()
             if uid is not None and not parent.get("uid"):
                 parent["uid"] = uid
             if gid is not None and not parent.get("gid"):

@@ -93,6 +93,18 @@ def test_drops_privileges_after_binding(tmp_path):
             time.sleep(0.05)
         assert set(uids) == {str(nobody.pw_uid)}
         assert proc.poll() is None
+        # Requests still work after the drop (lazy imports were loaded while root).
+        import json
+        import urllib.request
+
+        port = re.search(r"manager API listening on [\d.]+:(\d+)", log.read_text()).group(1)
+        for path in ("/", "/no-such-route"):
+            try:
+                resp = urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30)
+            except urllib.error.HTTPError as exc:
+                resp = exc
+            assert "json" in resp.headers["Content-Type"], resp.read()
+            assert json.loads(resp.read())
     finally:
         proc.terminate()
         proc.wait(30)
