@@ -12,7 +12,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
 
+import jwt  # noqa: E402
 from upload_client import UploadFixture  # noqa: E402
+
+
+def staging_file(shared: Path, uploads: UploadFixture, token: str) -> Path:
+    claims = jwt.decode(token, options={"verify_signature": False})
+    return shared / uploads.vfid.relative_path() / ".upload" / claims["session"]
+
+
+def wait_until_locked(path: Path, timeout: float = 20.0) -> None:
+    """Until a daemon holds the upload's write lock (B's PATCH is in), read
+    from /proc/locks so that the test never takes the lock itself."""
+    st = path.stat()
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and inode in fields:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the PATCH on the second daemon never took the upload's lock")
 
 
 def test_an_upload_begun_on_one_daemon_is_finished_on_the_other(storage_proxy_factory, tmp_path):
@@ -38,7 +59,7 @@ def test_an_upload_begun_on_one_daemon_is_finished_on_the_other(storage_proxy_fa
         f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {2 << 20}\r\n"
         f"Content-Length: {1 << 20}\r\n\r\n".encode() + data[2 << 20:(2 << 20) + 1000]
     )
-    time.sleep(0.3)
+    wait_until_locked(staging_file(shared, on_a, token))
     r = on_a.patch(token, 2 << 20, data[2 << 20:])
     assert r.status_code in (409, 423), r.status_code
     s.sendall(data[(2 << 20) + 1000:])

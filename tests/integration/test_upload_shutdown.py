@@ -10,6 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
 
+import jwt  # noqa: E402
 from upload_client import UploadFixture  # noqa: E402
 
 
@@ -23,7 +24,10 @@ def test_sigterm_mid_patch_keeps_the_bytes_and_stops_promptly(storage_proxy):
         f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
         f"Content-Length: {size}\r\n\r\n".encode() + b"q" * (3 << 20)
     )
-    time.sleep(0.5)
+    staging = uploads.vfolder / ".upload" / jwt.decode(token, options={"verify_signature": False})["session"]
+    deadline = time.monotonic() + 20
+    while staging.stat().st_size < 3 << 20 and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the daemon has written what was sent
     started = time.monotonic()
     storage_proxy.stop()
     assert time.monotonic() - started < 8  # the grace period is 10 s
