@@ -258,6 +258,7 @@ async def prepare_upload(
 # Start the disk write-back of every this-many bytes as they arrive, so the
 # fdatasync at the end of a PATCH waits only for the tail.
 WRITEBACK_STEP = 8 << 20
+CHECKPOINT_STEP = 256 << 20
 
 
 def _load_sync_file_range() -> Any:
@@ -369,6 +370,15 @@ class UploadWriter:
         # Off when many uploads run at once: the kernel's own write-back keeps
         # the disk busy then, and early requests only make writers queue.
         self.early_writeback = True
+        # A long PATCH records its progress every CHECKPOINT_STEP bytes, so a
+        # daemon crash loses at most that much of it.  Off for a checksummed
+        # PATCH: its bytes only count once the whole body is verified.
+        self.checkpoints = True
+
+    def after_write(self) -> None:
+        self.start_writeback()
+        if self.checkpoints and self.offset - self.state.offset >= CHECKPOINT_STEP:
+            self.commit()
 
     def start_writeback(self) -> None:
         """Ask the kernel to begin writing out what arrived (non-blocking, best effort)."""
@@ -394,7 +404,7 @@ class UploadWriter:
                 raise InsufficientStorage(f"the upload does not fit: {exc.strerror}") from None
             raise
         self.offset += n
-        self.start_writeback()
+        self.after_write()
         return n
 
     def receive(self, sock: Any, count: int, hasher: Any = None, should_stop: Any = None,
@@ -472,7 +482,7 @@ class UploadWriter:
                     moved = os.splice(r, self.fd, n, offset_dst=self.offset, flags=os.SPLICE_F_MOVE)
                     self.offset += moved
                     n -= moved
-                self.start_writeback()
+                self.after_write()
         except OSError as exc:
             result.error = (
                 InsufficientStorage(f"the upload does not fit: {exc.strerror}") if _disk_full(exc) else exc
@@ -500,7 +510,11 @@ class UploadWriter:
         return self.state
 
     def rollback(self) -> UploadState:
-        """Discard this request's bytes (a checksum mismatch or a refused body)."""
+        """Discard this request's bytes (a checksum mismatch or a refused body),
+        checkpoints included: the recorded offset goes back first, then the bytes."""
+        if self.state.offset != self.start:
+            self.state = replace(self.state, offset=self.start)
+            write_state(self.vfolder, self.state)
         os.ftruncate(self.fd, self.start)
         self.offset = self.start
         return self.state

@@ -500,6 +500,7 @@ class PatchTarget:
         self.writer = writer
         self.checksum = checksum
         self.hasher = CHECKSUMS[checksum[0]]() if checksum else None
+        writer.checkpoints = checksum is None
 
     def write(self, buffers: list[bytes]) -> Deferred[int]:
         return self.pool.run(self._write, buffers)

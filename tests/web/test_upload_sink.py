@@ -311,3 +311,39 @@ def test_drain_ends_bodies_still_arriving_and_keeps_their_bytes(h):
     conn.drop()  # the transport reports the close it was asked for
     h.pool.run_all()
     assert drained.called
+
+
+def test_a_long_patch_records_checkpoints_as_it_goes(h, monkeypatch):
+    from storage import uploads
+
+    monkeypatch.setattr(uploads, "CHECKPOINT_STEP", 100_000)
+    conn, token, session = open_patch(h, 1 << 20, 1 << 20)
+    h.pool.step()
+    for _ in range(5):
+        conn.send(b"c" * 50_000)
+        h.pool.run_all()
+    # Mid-body, with no end and no disconnect: the offset of record moved on,
+    # never past what was written (and made durable) already.
+    recorded = read_state(h.vfolder, session).offset
+    assert 100_000 <= recorded <= 250_000
+    assert staging_path(h.vfolder, session).stat().st_size >= recorded
+
+
+def test_a_refused_long_patch_rolls_its_checkpoints_back(h, monkeypatch):
+    from storage import uploads
+
+    monkeypatch.setattr(uploads, "CHECKPOINT_STEP", 100)
+    token, session = h.new_upload(1000)
+    conn = Connection(h)
+    conn.send_head("PATCH", f"/upload?token={token}",
+                   dict(OCTETS, **{"Upload-Offset": "0", "Transfer-Encoding": "chunked"}), None)
+    h.pool.run_all()
+    conn.send(b"258\r\n" + b"x" * 600 + b"\r\n")
+    h.pool.run_all()
+    assert read_state(h.vfolder, session).offset == 600  # checkpointed
+    conn.send(b"258\r\n" + b"y" * 600 + b"\r\n0\r\n\r\n")  # past Upload-Length
+    h.pool.run_all()
+    [r] = conn.responses()
+    assert r.status == 413
+    assert read_state(h.vfolder, session).offset == 0
+    assert staging_path(h.vfolder, session).read_bytes() == b""
