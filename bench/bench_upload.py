@@ -429,14 +429,23 @@ def verdict(ok: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="work directory, kept afterwards (default: a temp dir, removed); needs ~10 GiB")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="256 MiB / 1 GiB instead of 1 GiB / 4 GiB")
     args = parser.parse_args()
     if shutil.which("curl") is None:
         raise SystemExit("curl is required")
-    workdir = args.dir or Path(tempfile.mkdtemp(prefix="bench-upload-", dir=os.getcwd()))
+    workdir = args.dir or Path(tempfile.mkdtemp(prefix="bench-upload-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, workdir)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
     one = 256 * MiB if args.quick else GiB
     big = GiB if args.quick else 4 * GiB
     src = workdir / "payload.bin"
@@ -479,8 +488,6 @@ def main() -> None:
     print(f"  32 x 32 MiB:     {agg_d:6.0f} MB/s = {agg_d / agg_raw:.2f}x raw's {agg_raw:.0f} "
           f"(>= 0.9: {verdict(agg_d >= 0.9 * agg_raw)}); manager GET / p99 {p99:.1f} ms over {len(lat)} "
           f"(< 15: {verdict(p99 < 15)}); idle daemon during the raw run: p99 {p99_floor:.1f} ms")
-    if args.dir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
