@@ -12,7 +12,7 @@ from klein import Klein
 
 from storage import API_VERSION
 from storage.api.downloads import Downloads
-from storage.api.problems import add_error_handling, json_body
+from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
 from storage.api.tus import TusUploads
 from storage.web.site import StorageSite
 
@@ -35,7 +35,7 @@ class ClientAPI:
         return list(self.tus.services())
 
     def site(self) -> StorageSite:
-        return self.tus.make_site(self.app.resource())
+        return self.tus.make_site(Utf8PathGuard(self.app.resource()))
 
     @app.route("/", methods=["GET"])
     def status(self, request: Any) -> bytes:

@@ -34,10 +34,9 @@ from backends.base import AbstractVolume, QuotaConfig
 from storage import API_VERSION, tokens
 from storage.api import params as p
 from storage.api.params import Field
-from storage.api.problems import add_error_handling, json_body, problem
+from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
 from storage.auth import check_manager_token
 from storage.errors import (
-    PROBLEM_BASE,
     DeprecatedAPI,
     FileNotFound,
     FileOperationFailed,
@@ -237,26 +236,6 @@ def _stop_timer(result: Any, timer: Any) -> Any:
 # -- the API ------------------------------------------------------------------------
 
 
-class _Utf8PathGuard(Resource):
-    """Klein answers a non-UTF-8 URL path with a text/html 400; we answer problem+json."""
-
-    isLeaf = True
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def render(self, request: Any) -> Any:
-        try:
-            # What Klein decodes: the (unquoted) path segments and the host name.
-            for part in (*request.prepath, *request.postpath, request.getRequestHostname()):
-                part.decode("utf-8")
-        except UnicodeDecodeError:
-            return problem(request, 400, {"type": PROBLEM_BASE + "invalid-path", "title": "Invalid Path",
-                                          "msg": "the URL is not valid UTF-8"})
-        return self.inner.render(request)
-
-
 class BackgroundTaskService(Service):
     """At shutdown, asks running background tasks to stop and waits for them (bounded)."""
 
@@ -297,7 +276,7 @@ class ManagerAPI:
 
     def resource(self) -> Resource:
         """The Klein app behind a guard for what Klein answers in HTML."""
-        return _Utf8PathGuard(self.app.resource())
+        return Utf8PathGuard(self.app.resource())
 
     def site(self) -> StorageSite:
         # The site answers 413 before buffering an oversized body; params.py checks again.

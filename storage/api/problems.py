@@ -17,6 +17,7 @@ from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
 from storage.errors import PROBLEM_BASE, StorageError
@@ -79,6 +80,26 @@ def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
         {"type": PROBLEM_BASE + "generic", "title": "Internal Server Error",
          "msg": "an unexpected error happened; it has been logged"},
     )
+
+
+class Utf8PathGuard(Resource):
+    """Klein answers a non-UTF-8 URL path with a text/html 400; we answer problem+json."""
+
+    isLeaf = True
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:
+        try:
+            # What Klein decodes: the (unquoted) path segments and the host name.
+            for part in (*request.prepath, *request.postpath, request.getRequestHostname()):
+                part.decode("utf-8")
+        except UnicodeDecodeError:
+            return problem(request, 400, {"type": PROBLEM_BASE + "invalid-path", "title": "Invalid Path",
+                                          "msg": "the URL is not valid UTF-8"})
+        return self.inner.render(request)
 
 
 def add_error_handling(app: Klein) -> None:
