@@ -117,6 +117,9 @@ class BackgroundTaskRegistry:
             task.progress.cancelled = True
         return task
 
+    def all(self) -> list[BackgroundTask]:
+        return list(self._tasks.values())
+
     def running(self) -> list[BackgroundTask]:
         return [t for t in self._tasks.values() if t.status == "running"]
 

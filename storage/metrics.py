@@ -34,7 +34,7 @@ class _BackgroundTaskCollector(Collector):
             labels=["name", "status"],
         )
         tally: Tally[tuple[str, str]] = Tally()
-        for task in list(getattr(self.bgtasks, "_tasks", {}).values()):
+        for task in self.bgtasks.all():
             tally[(task.name, task.status)] += 1
         for (name, status), count in sorted(tally.items()):
             family.add_metric([name, status], count)

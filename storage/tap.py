@@ -9,6 +9,7 @@ finally the pool.
 
 from __future__ import annotations
 
+import gc
 import grp
 import os
 import pwd
@@ -199,6 +200,9 @@ class StorageProxy(SequentialMultiService):
                 log.failure("volume {name}: start-up check failed", name=volume.config.name)
                 self._abort(f"volume {volume.config.name}: start-up check failed: {exc}")
                 return
+        # What start-up allocated lives as long as the daemon: keep it out of
+        # the collector's full passes, which hold the GIL for their length.
+        gc.freeze()
         self.manager_listener.start_accepting()
         self.client_listener.start_accepting()
         log.info("storage-proxy ready: {n} volume(s)", n=len(self.volumes.volumes))
