@@ -8,7 +8,6 @@ client leaving mid-download leaks no descriptor and logs no error.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import io
 import os
@@ -25,6 +24,7 @@ from urllib.parse import quote
 import pytest
 import pytest_twisted
 import treq
+from support.tls import self_signed
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
@@ -40,33 +40,12 @@ SECRET = "integration-download-secret-0123456789abcd"
 BIG = 64 << 20
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 class Proxy:
     def __init__(self, tmp_path: Path, tls: bool = False) -> None:
         (tmp_path / "local").mkdir()
         client: dict = {"service-addr": {"host": "127.0.0.1", "port": 0}}
         if tls:
-            cert, key = _self_signed(tmp_path)
+            cert, key = self_signed(tmp_path)
             client.update({"ssl-enabled": True, "ssl-cert": str(cert), "ssl-privkey": str(key)})
         raw = {
             "storage-proxy": {"secret": SECRET, "io-threads": 4},
