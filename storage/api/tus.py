@@ -486,6 +486,8 @@ class SocketThreads(BlockingPool):
     def startService(self) -> None:
         self.stopping = False
         super().startService()
+        # Started now, not on the reactor thread when a burst of uploads arrives.
+        self.threadpool.adjustPoolsize(minthreads=self.limit, maxthreads=self.limit)
 
     def stopService(self) -> Any:
         self.stopping = True  # threads notice within half a second
