@@ -97,6 +97,29 @@ def consumed_elsewhere(channel: Any, n: int) -> bool:
     return False
 
 
+def send_now(channel: Any) -> None:
+    """Write a finished response to the socket now rather than on the
+    reactor's next iteration (when that iteration is busy starting many
+    uploads, small answers would wait tens of ms).  Plain TCP, an open
+    keep-alive connection, no paused or pull producer; anything not sent
+    goes out as usual."""
+    from twisted.internet.tcp import Connection
+
+    transport = getattr(channel, "transport", None)
+    if (
+        not isinstance(transport, Connection) or not transport.connected or transport.disconnecting
+        or transport._writeDisconnecting or not (transport.dataBuffer or transport._tempDataLen)
+    ):
+        return
+    if transport.producer is not None and (not transport.streamingProducer or transport.producerPaused):
+        return  # doWrite would resume a producer (a download): leave it to the reactor
+    result = transport.doWrite()
+    if result is not None:
+        # The peer is gone: let the reactor notice on its own (the socket is
+        # still registered for writing, so the next iteration reports it).
+        transport.startWriting()
+
+
 def pause_reading(channel: Any) -> None:
     channel.transport.pauseProducing()
 
@@ -271,6 +294,11 @@ class StreamingRequest(Request):
         self.setHeader(b"Content-Type", b"application/problem+json")
         self.write(json.dumps(error.body()).encode())
         self.finish()
+
+    def finish(self) -> None:
+        channel = self.channel  # finish() detaches the request from it
+        super().finish()
+        send_now(channel)
 
     def stop_body(self) -> None:
         """The daemon is stopping: end a streamed body now, keeping what came."""

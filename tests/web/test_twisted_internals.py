@@ -77,3 +77,34 @@ def test_transport_read_size_attribute_exists():
 
     assert isinstance(tcp.Connection.bufferSize, int)
     assert "self.bufferSize" in __import__("inspect").getsource(tcp.Connection.doRead)
+
+
+def test_send_now_writes_a_buffered_response_at_once():
+    import socket
+    from types import SimpleNamespace
+
+    from twisted.internet import tcp
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.testing import MemoryReactor
+
+    from storage.web.streaming import send_now
+
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        transport = tcp.Connection(ours, Protocol(), MemoryReactor())
+        transport.connected = True
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert transport.dataBuffer or transport._tempDataLen  # buffered, as Twisted does
+        send_now(SimpleNamespace(transport=transport))
+        peer.settimeout(1)
+        assert peer.recv(100) == b"HTTP/1.1 200 OK\r\n\r\n"
+        assert not (transport.dataBuffer or transport._tempDataLen)
+        # Not while disconnecting: the reactor's own doWrite must close it.
+        transport.write(b"more")
+        transport.disconnecting = True
+        send_now(SimpleNamespace(transport=transport))
+        assert transport._tempDataLen == 4
+    finally:
+        ours.close()
+        peer.close()
