@@ -146,12 +146,8 @@ class VfsVolume(AbstractVolume):
     # -- service -----------------------------------------------------------
 
     def startService(self) -> None:
+        # The daemon awaits prepare() before its listeners accept (storage.tap).
         super().startService()
-        # Twisted ignores what startService returns: the daemon awaits prepare()
-        # itself; this call only makes sure it happens (it is idempotent).
-        Deferred.fromCoroutine(self.prepare()).addErrback(
-            lambda f: log.failure("volume {name}: cannot prepare {root}", f, name=self.name, root=self.root)
-        )
 
     def stopService(self) -> Any:
         self.usage_cache.stop()
