@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from backends import crossmove
 from storage import fastio
 from storage.errors import (
     InsufficientStorage,
@@ -615,7 +616,9 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
     assert state.offset == state.length
     try:
         target = _target_path(vfolder, state.relpath, dst_dir)
-        os.rename(staging_path(vfolder, state.session), target)
+        # A plain rename, or across a filesystem or CephFS quota boundary
+        # (EXDEV) a copy swapped in atomically.
+        crossmove.move_path(staging_path(vfolder, state.session), target)
         _fsync_dir(target.parent)
     except OSError as exc:
         if _disk_full(exc):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from storage.blocking import BlockingPool
-from storage.errors import InvalidAPIParameters, RequestTooLarge, StorageError
+from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
 from storage.tokens import UploadToken, verify_upload_token
@@ -628,6 +629,16 @@ class PatchInProgress:
         return d.addBoth(self._deliver)
 
     def _deliver(self, outcome: UploadState | Failure) -> None:
+        if isinstance(outcome, Failure) and outcome.check(InsufficientStorage):
+            # Name the full quota scope, as every other 507 does.
+            qsid = self.ref.token.vfid.quota_scope_id
+            if qsid is not None:
+                outcome.value.extra.setdefault("quota_scope_id", str(qsid))
+                outcome.value.extra.setdefault("volume", self.ref.token.volume)
+        elif not isinstance(outcome, Failure) and outcome.completed:
+            # A new file appeared: cached usage of the vfolder is stale.
+            with contextlib.suppress(StorageError):
+                self.tus.volumes.get(self.ref.token.volume).invalidate_usage(self.ref.token.vfid)
         self.outcome = outcome
         if isinstance(outcome, Failure) and not outcome.check(StorageError):
             log.failure("tus PATCH {path} failed", outcome, path=self.request.uri.split(b"?")[0].decode("latin-1"))

@@ -130,6 +130,8 @@ def test_patches_append_and_the_last_one_moves_the_file_into_place(h):
 def test_after_completion_head_still_answers_and_patch_is_refused(h):
     token, _ = h.new_upload(4)
     assert h.patch(token, 0, b"abcd").status == 204
+    # The new file makes the vfolder's cached usage stale.
+    assert h.tus.volumes.get("local").invalidated == [h.vfid]
     r = h.head(token)
     assert r.status == 200
     assert (r.header("Upload-Offset"), r.header("Upload-Length")) == ("4", "4")
@@ -311,6 +313,7 @@ def test_disk_full_is_507_and_keeps_the_bytes_before_it(h, monkeypatch):
     r = h.patch(token, 0, b"abcdef")
     assert r.status == 507
     assert problem_type(r) == "insufficient-storage"
+    assert json.loads(r.body)["quota_scope_id"] == str(h.vfid.quota_scope_id)
     monkeypatch.setattr(uploads.fastio, "pwrite_all", real)
     assert h.head(token).header("Upload-Offset") == "2"
     assert h.patch(token, 2, b"cdefghij").status == 204

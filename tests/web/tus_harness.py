@@ -61,9 +61,13 @@ class FakeVolume:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.invalidated: list[VFolderID] = []
 
     def vfolder_path(self, vfid: VFolderID) -> Path:
         return self.root / vfid.relative_path()
+
+    def invalidate_usage(self, vfid: VFolderID) -> None:
+        self.invalidated.append(vfid)
 
 
 class FakeVolumes:
