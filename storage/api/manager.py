@@ -505,19 +505,21 @@ class ManagerAPI:
         )
         src_vfid, dst_vfid = args["src_vfid"], args["dst_vfid"]
         volume = self._vfolder(request, args["src_volume"], src_vfid)
-        if args["dst_volume"] is not None and args["dst_volume"] != args["src_volume"]:
-            raise InvalidAPIParameters.field("dst_volume", "cross-volume vfolder cloning is not supported")
-        if src_vfid == dst_vfid:
+        # Upstream refuses another volume; we clone to any volume whose backend
+        # shares the vfs file layout (every backend here does).
+        dst_volume = volume if args["dst_volume"] is None else self.volumes.get(args["dst_volume"])
+        if dst_volume is volume and src_vfid == dst_vfid:
             raise InvalidAPIParameters.field("dst_vfid", "must differ from src_vfid")
         await self._require_vfolder(volume, src_vfid)
-        if await self.pool.run(os.path.lexists, volume.vfolder_path(dst_vfid)):
+        if await self.pool.run(os.path.lexists, dst_volume.vfolder_path(dst_vfid)):
             raise VFolderExists(f"the destination vfolder already exists: {dst_vfid}", vfid=str(dst_vfid))
 
         async def run(progress: Any) -> None:
-            await volume.clone_vfolder(src_vfid, volume, dst_vfid, progress)
+            await volume.clone_vfolder(src_vfid, dst_volume, dst_vfid, progress)
 
         task = self.bgtasks.start(
-            "clone-vfolder", run, volume=volume.name, src_vfid=str(src_vfid), dst_vfid=str(dst_vfid)
+            "clone-vfolder", run, volume=volume.name, dst_volume=dst_volume.name,
+            src_vfid=str(src_vfid), dst_vfid=str(dst_vfid),
         )
         return json_body(request, {"bgtask_id": str(task.task_id)})
 

@@ -388,12 +388,23 @@ async def test_unknown_vfolder_is_404(client: ManagerClient) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_cross_volume_clone_is_refused(client: ManagerClient) -> None:
+async def test_cross_volume_clone(client: ManagerClient, daemon: StorageProxyProcess) -> None:
     vfid = new_vfid()
     await client.create_folder("local", vfid)
+    await client.mkdir("local", vfid, "sub")
+    (on_disk(daemon, vfid) / "sub" / "data.bin").write_bytes(b"cross" * 1000)
+    dst = new_vfid()
+    task_id = await client.clone_folder("local", vfid, dst, dst_volume="other")
+    state = await client.wait_bgtask(task_id)
+    assert state["status"] == "done", state
+    assert (on_disk(daemon, dst, "other") / "sub" / "data.bin").read_bytes() == b"cross" * 1000
+    assert not on_disk(daemon, dst, "local").exists()
+    # the same vfid may live on two volumes; an unknown destination volume is refused
+    task_id = await client.clone_folder("local", vfid, vfid, dst_volume="other")
     with pytest.raises(BadRequest) as info:
-        await client.clone_folder("local", vfid, new_vfid(), dst_volume="other")
-    assert "dst_volume" in info.value.data
+        await client.clone_folder("local", vfid, new_vfid(), dst_volume="nowhere")
+    assert info.value.problem_type == BASE + "volume/invalid"
+    assert (await client.wait_bgtask(task_id))["status"] == "done"
 
 
 @pytest_twisted.ensureDeferred
