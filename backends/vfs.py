@@ -133,7 +133,7 @@ class VfsVolume(AbstractVolume):
         concurrency = options.get("usage-concurrency", 4)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"{prefix}.usage-concurrency", f"expected a positive integer, got {concurrency!r}")
-        reactor = context.reactor if context.reactor is not None else self.pool.reactor
+        reactor: Any = context.reactor if context.reactor is not None else self.pool.reactor
         self.usage_cache = UsageCache(
             self.pool.run,
             reactor.callLater,

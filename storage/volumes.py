@@ -22,7 +22,7 @@ class VolumeRegistry(MultiService):
     @classmethod
     def from_config(cls, volumes: dict[str, VolumeConfig], context: VolumeContext) -> VolumeRegistry:
         registry = cls()
-        for name, vconf in volumes.items():
+        for vconf in volumes.values():
             registry.add(backend_class(vconf.backend)(vconf, context))
         return registry
 
