@@ -91,6 +91,7 @@ class Config:
     upload_expire: int = 7 * 86400  # abandoned tus staging files are removed after this
     io_threads: int = 16
     shutdown_grace: float = 10.0
+    reactor_realtime: bool = True  # SCHED_RR for the reactor thread when permitted
     log_level: str = "INFO"
     source: Path | None = None  # the file this came from; None for the embedded default
     generated_secrets: bool = False
@@ -292,6 +293,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         upload_expire=int(parse_duration(sp.get("upload-expire", "7d"), f"{k} upload-expire")),
         io_threads=_int(sp, "io-threads", f"{k} io-threads", 16, minimum=1),
         shutdown_grace=parse_duration(sp.get("shutdown-grace", "10s"), f"{k} shutdown-grace"),
+        reactor_realtime=_bool(sp, "reactor-realtime", f"{k} reactor-realtime", True),
         log_level=level,
         source=source,
     )

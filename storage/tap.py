@@ -29,6 +29,7 @@ from storage.bgtasks import BackgroundTaskRegistry
 from storage.blocking import BlockingPool
 from storage.config import Config, ConfigError, default_config, find_config_file, load_config
 from storage.logsetup import apply_log_level
+from storage.sched import prioritize_current_thread
 from storage.volumes import VolumeRegistry
 from storage.web.site import StorageSite
 
@@ -148,6 +149,9 @@ class StorageProxy(SequentialMultiService):
 
         self.config = config
         self.reactor = reactor
+        # Only the twistd entry point turns this on: a test process that
+        # composes the service in-process keeps its normal priority.
+        self.realtime_reactor = False
         self.pool = BlockingPool(reactor, config.io_threads)
         self.pool.setServiceParent(self)
         run_as_uid = _uid_gid(config)[0] if os.getuid() == 0 else None
@@ -176,6 +180,15 @@ class StorageProxy(SequentialMultiService):
         self.manager_listener.setServiceParent(listeners)
         self.client_listener.setServiceParent(listeners)
         listeners.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        # Before privileges drop: only root may raise a thread's priority.
+        if self.realtime_reactor and self.config.reactor_realtime:
+            if prioritize_current_thread():
+                log.info("reactor thread runs with real-time priority (SCHED_RR 1)")
+            else:
+                log.info("reactor thread keeps the normal priority (not permitted to raise it)")
+        super().privilegedStartService()
 
     def startService(self) -> None:
         # Logging has begun by now (twistd starts it before the services).
@@ -277,6 +290,7 @@ def make_service(config: Config, reactor: Any = None) -> StorageProxy:
 def makeService(options: Options) -> IService:
     config = load(options)
     service = make_service(config)
+    service.realtime_reactor = True
     parent = getattr(options, "parent", None)
     if parent is not None:
         # Privileges drop after the listeners bind: twistd does it between
