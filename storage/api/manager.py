@@ -723,8 +723,8 @@ class ManagerAPI:
         )
         return json_body(request, {"token": token})
 
-    @api_route("/folder/file/delete", "POST")
-    async def delete_files(self, request: IRequest) -> bytes:
+    async def _delete_request(self, request: IRequest) -> tuple[AbstractVolume, VFolderID, list[str], bool]:
+        """The parameters both delete routes take, checked against an existing vfolder."""
         args = self._params(
             request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
             Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
@@ -732,22 +732,20 @@ class ManagerAPI:
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
-        await volume.delete_files(vfid, [str(r) for r in args["relpaths"]], recursive=args["recursive"])
+        return volume, vfid, [str(r) for r in args["relpaths"]], args["recursive"]
+
+    @api_route("/folder/file/delete", "POST")
+    async def delete_files(self, request: IRequest) -> bytes:
+        volume, vfid, relpaths, recursive = await self._delete_request(request)
+        await volume.delete_files(vfid, relpaths, recursive=recursive)
         return json_body(request, {"status": "ok"})
 
     @api_route("/folder/file/delete-async", "POST")
     async def delete_files_async(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
-            Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
-        )
-        vfid = args["vfid"]
-        volume = self._vfolder(request, args["volume"], vfid)
-        await self._require_vfolder(volume, vfid)
-        relpaths = [str(r) for r in args["relpaths"]]
+        volume, vfid, relpaths, recursive = await self._delete_request(request)
 
         async def run(progress: Any) -> None:
-            await volume.delete_files(vfid, relpaths, recursive=args["recursive"], progress=progress)
+            await volume.delete_files(vfid, relpaths, recursive=recursive, progress=progress)
 
         task = self.bgtasks.start("delete-files", run, volume=volume.name, vfid=str(vfid))
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)

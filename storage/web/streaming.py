@@ -143,7 +143,24 @@ class BodySink(Protocol):
     def close(self) -> None: ...
 
 
-class DiscardSink:
+class _NotAFile:
+    """What twisted.web calls on ``request.content`` besides ``write``; a
+    streamed body is never read back, so these do nothing."""
+
+    def tell(self) -> int:
+        return 0
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class DiscardSink(_NotAFile):
     """Counts and drops a body that will not be used."""
 
     def __init__(self) -> None:
@@ -158,17 +175,6 @@ class DiscardSink:
     def connection_lost(self) -> None:
         pass
 
-    def tell(self) -> int:
-        return 0
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
 
 def problem_response(error: StorageError, extra_headers: dict[bytes, bytes] | None = None) -> bytes:
@@ -327,7 +333,7 @@ class UploadTarget(Protocol):
     def write(self, buffers: list[bytes]) -> Deferred[int]: ...
 
 
-class UploadSink:
+class UploadSink(_NotAFile):
     """Streams a body into an ``UploadTarget``: ordered writes, bounded memory.
 
     Until ``ready`` fires with the target, chunks queue with the socket
@@ -407,17 +413,6 @@ class UploadSink:
         if self.queued > self.high_water:
             self._pause()
 
-    def tell(self) -> int:
-        return 0
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return 0
-
-    def read(self, size: int = -1) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
 
     # -- end-of-body events (from StreamingRequest) -------------------------
 
