@@ -260,6 +260,8 @@ async def prepare_upload(
 # fdatasync at the end of a PATCH waits only for the tail.
 WRITEBACK_STEP = 8 << 20
 CHECKPOINT_STEP = 256 << 20
+# What a full disk gives back, at least, so the offset can be recorded.
+RECORD_ROOM = 64 << 10
 
 
 def _load_sync_file_range() -> Any:
@@ -499,16 +501,43 @@ class UploadWriter:
         """Make the bytes up to ``offset`` durable and record that offset."""
         offset = self.offset if offset is None else offset
         try:
-            fastio.fdatasync(self.fd)
-            if offset != self.state.offset:
-                new = replace(self.state, offset=offset)
-                write_state(self.vfolder, new)
-                self.state = new
+            self._record(offset)
         except OSError as exc:
-            if _disk_full(exc):
-                raise InsufficientStorage(f"cannot record the upload's progress: {exc.strerror}") from None
-            raise
+            if not _disk_full(exc):
+                raise
+            self._record_after_giving_back(offset)
         return self.state
+
+    def _record(self, offset: int) -> None:
+        fastio.fdatasync(self.fd)
+        if offset != self.state.offset:
+            new = replace(self.state, offset=offset)
+            write_state(self.vfolder, new)
+            self.state = new
+
+    def _record_after_giving_back(self, offset: int) -> None:
+        """Record progress on a full disk or quota.
+
+        The state file is replaced through a new file, which needs a block
+        of its own; when the upload took the last one, give back the tail of
+        this request's unacknowledged bytes (a little more each try) until
+        the record fits.  The client resumes from the recorded offset, so
+        this always ends the request with InsufficientStorage.
+        """
+        step = RECORD_ROOM
+        while offset > self.state.offset:
+            offset = max(self.state.offset, (offset - step) // RECORD_ROOM * RECORD_ROOM)
+            os.ftruncate(self.fd, offset)
+            self.offset = min(self.offset, offset)
+            try:
+                self._record(offset)
+            except OSError as exc:
+                if not _disk_full(exc):
+                    raise
+                step *= 4
+                continue
+            break
+        raise InsufficientStorage(f"the disk or quota is full; the upload is kept up to offset {self.state.offset}")
 
     def rollback(self) -> UploadState:
         """Discard this request's bytes (a checksum mismatch or a refused body),

@@ -16,6 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.web.pages import notFound
 from twisted.web.server import Site
 
+from storage.errors import InsufficientStorage
 from storage.uploads import create_upload, open_writer, read_state, staging_path
 from storage.web.streaming import body_decoder, consumed_elsewhere
 
@@ -142,3 +143,55 @@ def test_write_back_starts_every_step_unless_switched_off(writer, monkeypatch):
     writer.early_writeback = False
     writer.write([b"x" * (1200 << 10)])
     assert calls == [(0, 1200 << 10)]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 1 MiB tmpfs (needs root): a disk that really fills up."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
+def test_a_checkpoint_on_a_full_disk_stops_the_body_and_keeps_it_in_order(tiny_fs, pair, hashed, monkeypatch):
+    from storage import uploads
+
+    # Checkpoint often, so one falls when the disk has no block left for the state file.
+    monkeypatch.setattr(uploads, "CHECKPOINT_STEP", 96 << 10)
+    create_upload(tiny_fs, "b" * 32, "f.bin", 3 << 20)
+    writer = open_writer(tiny_fs, "b" * 32, 0)
+    a, b = pair
+    body = os.urandom(2 << 20)
+
+    def send() -> None:
+        try:
+            b.sendall(body)
+        except OSError:
+            pass  # the receiver stopped reading at the full disk
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        result = writer.receive(a, len(body), hashlib.sha1() if hashed else None)
+        assert getattr(result.error, "status", None) == 507
+        try:
+            writer.commit()  # what finish() does next: record what is left
+        except InsufficientStorage:
+            pass
+    finally:
+        a.close()
+        t.join()
+        writer.close()
+    recorded = read_state(tiny_fs, "b" * 32).offset
+    assert 0 < recorded < 1 << 20
+    assert staging_path(tiny_fs, "b" * 32).read_bytes()[:recorded] == body[:recorded]
