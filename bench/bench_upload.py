@@ -433,6 +433,8 @@ def main() -> None:
                         help="work directory, kept afterwards (default: a temp dir, removed); needs ~10 GiB")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="256 MiB / 1 GiB instead of 1 GiB / 4 GiB")
+    parser.add_argument("--parallel-only", action="store_true",
+                        help="only the 32 parallel uploads (and the manager latency), --reps times")
     args = parser.parse_args()
     if shutil.which("curl") is None:
         raise SystemExit("curl is required")
@@ -445,7 +447,26 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def run_parallel_only(args: argparse.Namespace, workdir: Path) -> None:
+    small = workdir / "small.bin"
+    make_file(small, 32 * MiB)
+    bench = Bench(workdir, args.reps)
+    try:
+        for rep in range(args.reps):
+            total, t_raw, t_daemon, lat, floor = parallel(bench, small, 32)
+            agg_raw, agg_d = total / t_raw / 1e6, total / t_daemon / 1e6
+            print(f"  rep {rep + 1}: 32 x 32 MiB {agg_d:6.0f} MB/s = {agg_d / agg_raw:.2f}x raw's {agg_raw:.0f}; "
+                  f"manager GET / p50 {percentile(lat, 0.5):.1f} p99 {percentile(lat, 0.99):.1f} ms "
+                  f"over {len(lat)}; idle daemon during the raw run: p99 {percentile(floor, 0.99):.1f} ms",
+                  flush=True)
+    finally:
+        bench.close()
+
+
 def run(args: argparse.Namespace, workdir: Path) -> None:
+    if args.parallel_only:
+        run_parallel_only(args, workdir)
+        return
     one = 256 * MiB if args.quick else GiB
     big = GiB if args.quick else 4 * GiB
     src = workdir / "payload.bin"
