@@ -257,6 +257,7 @@ class Bench:
         self.raw_dir.mkdir(exist_ok=True)
         self.raw = RawReceiver(self.raw_dir)
         self.n = 0
+        self.parallel_cpu = (0.0, 0.0)
 
     def close(self) -> None:
         self.daemon.stop()
@@ -382,14 +383,18 @@ def parallel(bench: Bench, src: Path, count: int) -> tuple[float, float, float, 
     # The raw receiver takes the uploads while the idle daemon is probed: the
     # latency floor of this machine under that load.
     scratch(bench.dir, size)
+    cpu0 = cpu_seconds(bench.raw.pid)
     t_raw, floor = probing(lambda: [finish(p) for p in [
         curl_patch(f"http://127.0.0.1:{bench.raw.port}/{n}", src, nice=True) for n in names]])
+    cpu_raw = cpu_seconds(bench.raw.pid) - cpu0
     for n in names:
         (bench.raw_dir / n).unlink()
     scratch(bench.dir, size)
     tokens = [bench.daemon.token(f"par/{n}", src.stat().st_size) for n in names]
     url = f"http://127.0.0.1:{bench.daemon.client_port}/upload?token="
+    cpu0 = cpu_seconds(bench.daemon.pid)
     t_daemon, latencies = probing(lambda: [finish(p) for p in [curl_patch(url + t, src, nice=True) for t in tokens]])
+    bench.parallel_cpu = (cpu_raw / (size / GiB), (cpu_seconds(bench.daemon.pid) - cpu0) / (size / GiB))
     shutil.rmtree(bench.daemon.vfolder / "par")
     return size, t_raw, t_daemon, latencies, floor
 
@@ -457,7 +462,8 @@ def run_parallel_only(args: argparse.Namespace, workdir: Path) -> None:
             agg_raw, agg_d = total / t_raw / 1e6, total / t_daemon / 1e6
             print(f"  rep {rep + 1}: 32 x 32 MiB {agg_d:6.0f} MB/s = {agg_d / agg_raw:.2f}x raw's {agg_raw:.0f}; "
                   f"manager GET / p50 {percentile(lat, 0.5):.1f} p99 {percentile(lat, 0.99):.1f} ms "
-                  f"over {len(lat)}; idle daemon during the raw run: p99 {percentile(floor, 0.99):.1f} ms",
+                  f"over {len(lat)}; idle daemon during the raw run: p99 {percentile(floor, 0.99):.1f} ms; "
+                  "CPU-s/GiB raw {:.2f}, daemon {:.2f}".format(*bench.parallel_cpu),
                   flush=True)
     finally:
         bench.close()

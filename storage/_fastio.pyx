@@ -33,6 +33,33 @@ cdef extern from "<fcntl.h>" nogil:
     int c_posix_fallocate "posix_fallocate" (int fd, off_t offset, off_t len)
     int c_posix_fadvise "posix_fadvise" (int fd, off_t offset, off_t len, int advice)
 
+cdef extern from "<fcntl.h>" nogil:
+    ssize_t c_splice "splice" (int fd_in, off_t *off_in, int fd_out, off_t *off_out,
+                               size_t len, unsigned int flags)
+    int c_sync_file_range "sync_file_range" (int fd, off_t offset, off_t nbytes, unsigned int flags)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int c_poll "poll" (pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+cdef extern from "<sys/socket.h>" nogil:
+    int c_setsockopt "setsockopt" (int sockfd, int level, int optname, const void *optval, unsigned int optlen)
+    enum:
+        SOL_SOCKET
+        SO_RCVLOWAT
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        EAGAIN
+
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base
@@ -289,3 +316,113 @@ def fadvise(int fd, long long offset, long long length, int advice):
         r = c_posix_fadvise(fd, <off_t>offset, <off_t>length, advice)
     if r != 0:
         raise _error(r)
+
+
+# How splice_receive stopped (besides having moved every byte asked for).
+cdef enum:
+    R_ALL = 0
+    R_EOF = 1      # the peer closed its side
+    R_WAITED = 2   # nothing came for wait_ms
+    R_STOPPED = 3  # stop_fd became readable
+
+RECEIVED_ALL, RECEIVED_EOF, RECEIVED_WAITED, RECEIVED_STOPPED = R_ALL, R_EOF, R_WAITED, R_STOPPED
+
+
+def sync_file_range(int fd, long long offset, long long nbytes, unsigned int flags):
+    """``sync_file_range(2)`` (e.g. start write-back without waiting for it)."""
+    cdef int r
+    cdef int err = 0
+    with nogil:
+        r = c_sync_file_range(fd, <off_t>offset, <off_t>nbytes, flags)
+        if r < 0:
+            err = errno
+    if r < 0:
+        raise _error(err)
+
+
+def splice_receive(int sock_fd, int file_fd, int pipe_r, int pipe_w, long long offset, long long count,
+                   int stop_fd, int lowat, int wait_ms, long long writeback_from, long long writeback_step):
+    """Move up to ``count`` bytes from a non-blocking socket into a file at
+    ``offset``: ``splice`` socket → pipe → page cache, the whole loop without
+    the GIL (dozens of uploads at once then hardly contend for it).
+
+    Waits with ``poll`` for the socket (``SO_RCVLOWAT`` = ``lowat``, or what
+    is left) and ``stop_fd`` (-1: none).  Every ``writeback_step`` bytes
+    (0: never) starts their write-back with ``sync_file_range``.
+
+    Returns ``(consumed, how, writeback_from)``: ``how`` is one of the
+    ``RECEIVED_*`` values.  A failure raises ``OSError`` with ``consumed``
+    (bytes taken from the socket) and ``written`` (bytes in the file).
+    """
+    if offset < 0 or count < 0 or lowat < 1:
+        raise _error(22)
+    cdef long long consumed = 0, written = 0, wb_from = writeback_from, pending, want
+    cdef int how = -1, err = 0, current_lowat = -1, lw, nfds
+    cdef ssize_t r
+    cdef off_t off
+    cdef pollfd fds[2]
+    with nogil:
+        while consumed < count:
+            r = c_splice(sock_fd, NULL, pipe_w, NULL, <size_t>(count - consumed), SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if r > 0:
+                consumed += r
+                pending = r
+                while pending > 0:
+                    off = offset + written
+                    r = c_splice(pipe_r, NULL, file_fd, &off, <size_t>pending, SPLICE_F_MOVE)
+                    if r < 0:
+                        if errno == EINTR:
+                            continue
+                        err = errno
+                        break
+                    if r == 0:
+                        err = 5  # EIO: the pipe cannot be empty here
+                        break
+                    written += r
+                    pending -= r
+                if err:
+                    break
+                if writeback_step > 0 and offset + written - wb_from >= writeback_step:
+                    c_sync_file_range(file_fd, <off_t>wb_from, <off_t>(offset + written - wb_from), 2)
+                    wb_from = offset + written
+                continue
+            if r == 0:
+                how = R_EOF
+                break
+            if errno == EINTR:
+                continue
+            if errno != EAGAIN:
+                err = errno
+                break
+            # Wake when a worthwhile amount is queued (or the rest of the body).
+            want = count - consumed
+            lw = <int>(want if want < lowat else lowat)
+            if lw != current_lowat:
+                if c_setsockopt(sock_fd, SOL_SOCKET, SO_RCVLOWAT, &lw, sizeof(lw)) == 0:
+                    current_lowat = lw
+            fds[0].fd = sock_fd
+            fds[0].events = POLLIN
+            fds[0].revents = 0
+            fds[1].fd = stop_fd
+            fds[1].events = POLLIN
+            fds[1].revents = 0
+            nfds = 2 if stop_fd >= 0 else 1
+            r = c_poll(fds, nfds, wait_ms)
+            if r < 0:
+                if errno == EINTR:
+                    continue
+                err = errno
+                break
+            if nfds == 2 and fds[1].revents:
+                how = R_STOPPED
+                break
+            if r == 0:
+                how = R_WAITED
+                break
+    if err:
+        exc = _error(err, written)
+        exc.consumed = consumed
+        raise exc
+    if how < 0:
+        how = R_ALL
+    return consumed, how, wb_from

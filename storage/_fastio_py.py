@@ -9,9 +9,13 @@ Only pool threads call these (they block).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import select
+import socket
 from collections.abc import Iterable
+from typing import Any
 
 # Errors after which copy_file_range cannot work for this pair of files and a
 # plain read/write loop must do the copy.
@@ -133,3 +137,99 @@ def fallocate(fd: int, offset: int, length: int) -> None:
 def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
     """``posix_fadvise(2)`` (e.g. ``os.POSIX_FADV_SEQUENTIAL`` before a download)."""
     os.posix_fadvise(fd, offset, length, advice)
+
+
+# How splice_receive stopped (besides having moved every byte asked for).
+RECEIVED_ALL = 0
+RECEIVED_EOF = 1  # the peer closed its side
+RECEIVED_WAITED = 2  # nothing came for wait_ms
+RECEIVED_STOPPED = 3  # stop_fd became readable
+
+
+def _load_sync_file_range() -> Any:
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int) -> None:
+    """``sync_file_range(2)`` (e.g. start write-back without waiting for it)."""
+    if _sync_file_range is None:
+        raise _error(errno.ENOSYS)
+    if _sync_file_range(fd, offset, nbytes, flags) != 0:
+        raise _error(ctypes.get_errno())
+
+
+def _set_lowat(sock_fd: int, value: int) -> bool:
+    sock = socket.socket(fileno=sock_fd)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+def splice_receive(
+    sock_fd: int, file_fd: int, pipe_r: int, pipe_w: int, offset: int, count: int,
+    stop_fd: int, lowat: int, wait_ms: int, writeback_from: int, writeback_step: int,
+) -> tuple[int, int, int]:
+    """Move up to ``count`` bytes from a non-blocking socket into a file at
+    ``offset`` (``splice`` socket → pipe → page cache).
+
+    Waits with ``poll`` for the socket (``SO_RCVLOWAT`` = ``lowat``, or what
+    is left) and ``stop_fd`` (-1: none).  Every ``writeback_step`` bytes
+    (0: never) starts their write-back with ``sync_file_range``.
+
+    Returns ``(consumed, how, writeback_from)``: ``how`` is one of the
+    ``RECEIVED_*`` values.  A failure raises ``OSError`` with ``consumed``
+    (bytes taken from the socket) and ``written`` (bytes in the file).
+    """
+    if offset < 0 or count < 0 or lowat < 1:
+        raise _error(errno.EINVAL)
+    consumed = written = 0
+    current_lowat = -1
+    poller = select.poll()
+    poller.register(sock_fd, select.POLLIN)
+    if stop_fd >= 0:
+        poller.register(stop_fd, select.POLLIN)
+    try:
+        while consumed < count:
+            try:
+                n = os.splice(sock_fd, pipe_w, count - consumed, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                want = min(lowat, count - consumed)
+                if want != current_lowat and _set_lowat(sock_fd, want):
+                    current_lowat = want
+                events = poller.poll(wait_ms)
+                if any(fd == stop_fd and ev for fd, ev in events):
+                    return consumed, RECEIVED_STOPPED, writeback_from
+                if not events:
+                    return consumed, RECEIVED_WAITED, writeback_from
+                continue
+            if n == 0:
+                return consumed, RECEIVED_EOF, writeback_from
+            consumed += n
+            while n:
+                moved = os.splice(pipe_r, file_fd, n, offset_dst=offset + written, flags=os.SPLICE_F_MOVE)
+                if moved == 0:
+                    raise _error(errno.EIO)  # the pipe cannot be empty here
+                written += moved
+                n -= moved
+            if writeback_step > 0 and offset + written - writeback_from >= writeback_step:
+                if _sync_file_range is not None:
+                    _sync_file_range(file_fd, writeback_from, offset + written - writeback_from, 2)
+                writeback_from = offset + written
+    except OSError as exc:
+        err = _with_written(_error(exc.errno) if exc.errno else exc, written)
+        err.consumed = consumed  # type: ignore[attr-defined]
+        raise err from None
+    return consumed, RECEIVED_ALL, writeback_from

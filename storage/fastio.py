@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-IMPLEMENTATIONS = ("copy_file_range", "copy_range", "fadvise", "fallocate", "fdatasync", "pwrite_all", "sendfile")
+IMPLEMENTATIONS = (
+    "copy_file_range", "copy_range", "fadvise", "fallocate", "fdatasync", "pwrite_all", "sendfile",
+    "splice_receive", "sync_file_range",
+)
 
 
 def _load() -> tuple[ModuleType, bool]:
@@ -36,5 +39,13 @@ fallocate = implementation.fallocate
 fdatasync = implementation.fdatasync
 pwrite_all = implementation.pwrite_all
 sendfile = implementation.sendfile
+splice_receive = implementation.splice_receive
+sync_file_range = implementation.sync_file_range
+RECEIVED_ALL: int = implementation.RECEIVED_ALL
+RECEIVED_EOF: int = implementation.RECEIVED_EOF
+RECEIVED_WAITED: int = implementation.RECEIVED_WAITED
+RECEIVED_STOPPED: int = implementation.RECEIVED_STOPPED
 
-__all__ = ["NATIVE", "implementation", *IMPLEMENTATIONS]
+__all__ = [
+    "NATIVE", "RECEIVED_ALL", "RECEIVED_EOF", "RECEIVED_STOPPED", "RECEIVED_WAITED", "implementation", *IMPLEMENTATIONS,
+]

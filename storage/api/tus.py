@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from storage import fastio
 from storage.blocking import BlockingPool
 from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
 from storage.janitor import UploadJanitor
@@ -41,6 +42,7 @@ from storage.uploads import (
     NORMAL,
     PARTIAL,
     OffsetMismatch,
+    StopSignal,
     UploadCompleted,
     UploadNotFound,
     UploadState,
@@ -480,6 +482,7 @@ class SocketThreads(BlockingPool):
         self.limit = limit
         self.active = 0
         self.stopping = False
+        self.signals: set[StopSignal] = set()  # one per running receive
 
     def is_stopping(self) -> bool:
         return self.stopping
@@ -491,7 +494,9 @@ class SocketThreads(BlockingPool):
         self.threadpool.adjustPoolsize(minthreads=self.limit, maxthreads=self.limit)
 
     def stopService(self) -> Any:
-        self.stopping = True  # threads notice within half a second
+        self.stopping = True
+        for signal in list(self.signals):
+            signal.set()  # the threads return at once, keeping what came
         return super().stopService()
 
 
@@ -526,22 +531,32 @@ class PatchTarget:
                 self.checksum is not None and (not body_complete or error is not None)
             ):
                 # An unverifiable or refused chunk is discarded whole.
-                writer.rollback()
-            elif self.checksum is not None and self.hasher is not None:
-                if self.hasher.digest() != self.checksum[1]:
+                state = writer.rollback()
+            else:
+                if self.checksum is not None and self.hasher is not None and (
+                    self.hasher.digest() != self.checksum[1]
+                ):
                     writer.rollback()
                     raise ChecksumMismatch(f"the {self.checksum[0]} of the body does not match Upload-Checksum")
-                writer.commit()
-            else:
-                writer.commit()
-            state = writer.state
-            if state.offset == state.length and state.kind == NORMAL:
-                state = complete_upload(writer, dst_dir, keep)
+                state = self._record(writer, dst_dir, keep)
             if error is not None:
                 raise error
             return state
         finally:
             writer.close()
+
+    @staticmethod
+    def _record(writer: UploadWriter, dst_dir: str | None, keep: float) -> UploadState:
+        """Record the bytes written; a complete upload goes to its target."""
+        if writer.offset == writer.state.length and writer.state.kind == NORMAL:
+            # The completed state records the offset too: one state write, not two.
+            fastio.fdatasync(writer.fd)
+            try:
+                return complete_upload(writer, dst_dir, keep)
+            except BaseException:
+                writer.commit()  # the bytes stay; a later PATCH completes the move
+                raise
+        return writer.commit()
 
 
 class PatchInProgress:
@@ -597,19 +612,23 @@ class PatchInProgress:
         tus = self.tus
         if self.target is None or tus.socket_threads.active >= tus.socket_threads.limit:
             return None
-        tus.socket_threads.active += 1
+        threads = tus.socket_threads
         target = self.target
+        stop = StopSignal()
+        if threads.is_stopping() or self.sink.stop_requested:
+            stop.set()
+        threads.active += 1
+        threads.signals.add(stop)
+        self.sink.stop_signal = stop
 
         def release(result: Any) -> Any:
-            tus.socket_threads.active -= 1
+            threads.active -= 1
+            threads.signals.discard(stop)
+            self.sink.stop_signal = None
+            stop.close()
             return result
 
-        sink = self.sink
-
-        def should_stop() -> bool:  # read from the socket thread
-            return tus.socket_threads.stopping or sink.stop_requested
-
-        d = tus.socket_threads.run(target.writer.receive, sock, count, target.hasher, should_stop)
+        d = threads.run(target.writer.receive, sock, count, target.hasher, stop)
         return d.addBoth(release)
 
     def _opened(self, target: PatchTarget) -> PatchTarget:

@@ -373,6 +373,7 @@ class UploadSink(_NotAFile):
         self.direct_runs = 0
         self.direct_active = False
         self.stop_requested = False
+        self.stop_signal: Any = None  # set while a thread receives: has .set()
         self.handoff_pending = False
         self.limit = limit
         self.too_long = too_long
@@ -427,11 +428,13 @@ class UploadSink(_NotAFile):
 
     def stop(self) -> None:
         """End the body now (the daemon is stopping): keep what came, drop the
-        connection; a socket thread notices ``stop_requested`` and returns."""
+        connection; a receiving thread is told through ``stop_signal``."""
         if self.ended:
             return
         self.stop_requested = True
         if self.direct_active:
+            if self.stop_signal is not None:
+                self.stop_signal.set()
             return
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.loseConnection()

@@ -17,7 +17,7 @@ from twisted.web.pages import notFound
 from twisted.web.server import Site
 
 from storage.errors import InsufficientStorage
-from storage.uploads import create_upload, open_writer, read_state, staging_path
+from storage.uploads import StopSignal, create_upload, open_writer, read_state, staging_path
 from storage.web.streaming import body_decoder, consumed_elsewhere
 
 
@@ -81,7 +81,10 @@ def test_receive_stops_at_end_of_stream_with_what_came(writer, pair, hashed):
 
 def test_receive_gives_up_when_told_to_stop(writer, pair):
     a, _ = pair
-    result = writer.receive(a, 5000, None, should_stop=lambda: True)
+    stop = StopSignal()
+    stop.set()
+    result = writer.receive(a, 5000, None, stop)
+    stop.close()
     assert result.stopped == "stopped" and result.consumed == 0
 
 
@@ -89,28 +92,6 @@ def test_receive_gives_up_after_the_idle_timeout(writer, pair):
     a, _ = pair
     result = writer.receive(a, 5000, None, idle_timeout=0.5)
     assert result.stopped == "idle"
-
-
-def test_receive_reports_a_full_disk_with_the_bytes_written_before(writer, pair, monkeypatch):
-    a, b = pair
-    real_splice = os.splice
-    calls = {"n": 0}
-
-    def failing_splice(src, dst, count, offset_src=None, offset_dst=None, flags=0):
-        if offset_dst is not None:
-            calls["n"] += 1
-            if calls["n"] > 1:
-                raise OSError(28, "No space left on device")
-        return real_splice(src, dst, min(count, 4096) if offset_dst is not None else count,
-                           offset_src=offset_src, offset_dst=offset_dst, flags=flags)
-
-    monkeypatch.setattr(os, "splice", failing_splice)
-    t = feed(b, b"y" * 100_000)
-    result = writer.receive(a, 100_000, None)
-    t.join()
-    assert result.error is not None and getattr(result.error, "status", None) == 507
-    assert result.written == 4096 == writer.offset
-    assert result.consumed >= result.written
 
 
 def test_decoder_attributes_used_by_the_hand_off():
@@ -134,7 +115,7 @@ def test_write_back_starts_every_step_unless_switched_off(writer, monkeypatch):
     from storage import uploads
 
     calls = []
-    monkeypatch.setattr(uploads, "_sync_file_range", lambda fd, off, n, flags: calls.append((off, n)) or 0)
+    monkeypatch.setattr(uploads.fastio, "sync_file_range", lambda fd, off, n, flags: calls.append((off, n)))
     monkeypatch.setattr(uploads, "WRITEBACK_STEP", 1 << 20)
     writer.write([b"x" * (600 << 10)])
     assert calls == []
@@ -195,3 +176,84 @@ def test_a_checkpoint_on_a_full_disk_stops_the_body_and_keeps_it_in_order(tiny_f
     recorded = read_state(tiny_fs, "b" * 32).offset
     assert 0 < recorded < 1 << 20
     assert staging_path(tiny_fs, "b" * 32).read_bytes()[:recorded] == body[:recorded]
+
+
+@pytest.fixture(params=["native", "pure"])
+def splice_impl(request, monkeypatch):
+    """Both implementations of fastio.splice_receive, as UploadWriter calls it."""
+    from storage import _fastio_py, fastio, uploads
+
+    if request.param == "native":
+        if not fastio.NATIVE:
+            pytest.skip("storage._fastio is not compiled here")
+        return fastio.implementation
+    monkeypatch.setattr(uploads.fastio, "splice_receive", _fastio_py.splice_receive)
+    return _fastio_py
+
+
+def test_receive_reports_a_full_disk_with_the_bytes_written_before(tiny_fs, pair, splice_impl):
+    create_upload(tiny_fs, "c" * 32, "f.bin", 3 << 20)
+    writer = open_writer(tiny_fs, "c" * 32, 0)
+    writer.checkpoints = False
+    a, b = pair
+    body = os.urandom(2 << 20)
+
+    def send() -> None:
+        try:
+            b.sendall(body)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=send)
+    t.start()
+    try:
+        result = writer.receive(a, len(body), None)
+    finally:
+        a.close()
+        t.join()
+        writer.close()
+    assert getattr(result.error, "status", None) == 507
+    assert 0 < result.written < 1 << 20
+    assert result.consumed >= result.written
+    assert staging_path(tiny_fs, "c" * 32).read_bytes() == body[: result.written]
+
+
+@pytest.mark.parametrize("chunks", [1, 7])
+def test_splice_receive_moves_the_body_and_says_why_it_stopped(tmp_path, pair, splice_impl, chunks):
+    from storage.fastio import RECEIVED_ALL, RECEIVED_EOF, RECEIVED_STOPPED, RECEIVED_WAITED
+
+    a, b = pair
+    body = os.urandom(3 << 20)
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    stop = StopSignal()
+    try:
+        def send() -> None:
+            step = len(body) // chunks + 1
+            for i in range(0, len(body), step):
+                b.sendall(body[i:i + step])
+
+        t = threading.Thread(target=send)
+        t.start()
+        # At offset 10, all of it but the last byte: that byte stays in the socket.
+        n, how, wb = splice_impl.splice_receive(
+            a.fileno(), fd, r, w, 10, len(body) - 1, stop.fd, 256 << 10, 2000, 10, 1 << 20)
+        t.join()
+        assert (n, how) == (len(body) - 1, RECEIVED_ALL)
+        assert 10 < wb <= 10 + n
+        assert os.pread(fd, len(body), 10) == body[:-1]
+        # Nothing more comes: it says so after the wait.
+        n, how, _ = splice_impl.splice_receive(a.fileno(), fd, r, w, 0, 1 << 20, stop.fd, 1, 50, 0, 0)
+        assert (n, how) == (1, RECEIVED_WAITED)
+        # Told to stop: it returns at once, whatever the wait.
+        stop.set()
+        n, how, _ = splice_impl.splice_receive(a.fileno(), fd, r, w, 0, 100, stop.fd, 1, 60_000, 0, 0)
+        assert (n, how) == (0, RECEIVED_STOPPED)
+        # The peer closes: end of stream.
+        b.shutdown(socket.SHUT_WR)
+        n, how, _ = splice_impl.splice_receive(a.fileno(), fd, r, w, 0, 100, -1, 1, 60_000, 0, 0)
+        assert (n, how) == (0, RECEIVED_EOF)
+    finally:
+        stop.close()
+        for x in (fd, r, w):
+            os.close(x)

@@ -221,6 +221,7 @@ class FakeSocketThreads:
     def __init__(self) -> None:
         self.active = 0
         self.limit = 4
+        self.signals: set = set()
         self.calls: list[tuple[tuple, Deferred]] = []
 
     def is_stopping(self) -> bool:
