@@ -493,6 +493,9 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         t_raw = t_daemon = float("inf")
         for _ in range(args.reps):
             total, t_r, t_d, lat_rep, floor_rep = parallel(bench, small, 32)
+            print(f"  32 x 32 MiB: raw {total / t_r / 1e6:.0f} MB/s, daemon {total / t_d / 1e6:.0f} MB/s; "
+                  f"manager GET / p99 {percentile(lat_rep, 0.99):.1f} ms, max {max(lat_rep) * 1000:.1f} ms",
+                  flush=True)
             t_raw, t_daemon = min(t_raw, t_r), min(t_daemon, t_d)
             lat += lat_rep
             floor += floor_rep
