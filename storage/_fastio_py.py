@@ -182,17 +182,10 @@ def splice_receive(
     sock_fd: int, file_fd: int, pipe_r: int, pipe_w: int, offset: int, count: int,
     stop_fd: int, lowat: int, wait_ms: int, writeback_from: int, writeback_step: int,
 ) -> tuple[int, int, int]:
-    """Move up to ``count`` bytes from a non-blocking socket into a file at
-    ``offset`` (``splice`` socket → pipe → page cache).
-
-    Waits with ``poll`` for the socket (``SO_RCVLOWAT`` = ``lowat``, or what
-    is left) and ``stop_fd`` (-1: none).  Every ``writeback_step`` bytes
-    (0: never) starts their write-back with ``sync_file_range``.
-
-    Returns ``(consumed, how, writeback_from)``: ``how`` is one of the
-    ``RECEIVED_*`` values.  A failure raises ``OSError`` with ``consumed``
-    (bytes taken from the socket) and ``written`` (bytes in the file).
-    """
+    """The compiled ``splice_receive`` on ``os.splice`` and ``select.poll``
+    (docs/fastio.md): up to ``count`` bytes socket → pipe → file at
+    ``offset``; returns ``(consumed, how, writeback_from)``, raises
+    ``OSError`` carrying ``consumed`` and ``written``."""
     if offset < 0 or count < 0 or lowat < 1:
         raise _error(errno.EINVAL)
     consumed = written = 0

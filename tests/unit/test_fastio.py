@@ -10,7 +10,6 @@ import errno
 import importlib
 import os
 import socket
-import subprocess
 import uuid
 from pathlib import Path
 
@@ -201,22 +200,6 @@ def test_copy_range_falls_back_across_filesystems(fio, tmp_path, fds, shm_file):
         with pytest.raises(OSError) as info:
             fio.copy_file_range(src, dst, 0, 0, 10)
         assert info.value.errno in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP)
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A 1 MiB tmpfs, mounted for the test (needs root)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_copy_range_enospc_reports_bytes_written_fallback(fio, tmp_path, fds, small_fs):

@@ -42,7 +42,10 @@ def pair():
 
 def feed(sock: socket.socket, data: bytes, close: bool = False) -> threading.Thread:
     def run() -> None:
-        sock.sendall(data)
+        try:
+            sock.sendall(data)
+        except OSError:
+            return  # the receiver stopped reading (a full disk): not this helper's business
         if close:
             sock.shutdown(socket.SHUT_WR)
 
@@ -126,42 +129,18 @@ def test_write_back_starts_every_step_unless_switched_off(writer, monkeypatch):
     assert calls == [(0, 1200 << 10)]
 
 
-@pytest.fixture
-def tiny_fs(tmp_path: Path):
-    """A 1 MiB tmpfs (needs root): a disk that really fills up."""
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 @pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
-def test_a_checkpoint_on_a_full_disk_stops_the_body_and_keeps_it_in_order(tiny_fs, pair, hashed, monkeypatch):
+def test_a_checkpoint_on_a_full_disk_stops_the_body_and_keeps_it_in_order(small_fs, pair, hashed, monkeypatch):
     from storage import uploads
 
     # Checkpoint often, so one falls when the disk has no block left for the state file.
     monkeypatch.setattr(uploads, "CHECKPOINT_STEP", 96 << 10)
-    create_upload(tiny_fs, "b" * 32, "f.bin", 3 << 20)
-    writer = open_writer(tiny_fs, "b" * 32, 0)
+    create_upload(small_fs, "b" * 32, "f.bin", 3 << 20)
+    writer = open_writer(small_fs, "b" * 32, 0)
     a, b = pair
     body = os.urandom(2 << 20)
 
-    def send() -> None:
-        try:
-            b.sendall(body)
-        except OSError:
-            pass  # the receiver stopped reading at the full disk
-
-    t = threading.Thread(target=send)
-    t.start()
+    t = feed(b, body)
     try:
         result = writer.receive(a, len(body), hashlib.sha1() if hashed else None)
         assert getattr(result.error, "status", None) == 507
@@ -173,9 +152,9 @@ def test_a_checkpoint_on_a_full_disk_stops_the_body_and_keeps_it_in_order(tiny_f
         a.close()
         t.join()
         writer.close()
-    recorded = read_state(tiny_fs, "b" * 32).offset
+    recorded = read_state(small_fs, "b" * 32).offset
     assert 0 < recorded < 1 << 20
-    assert staging_path(tiny_fs, "b" * 32).read_bytes()[:recorded] == body[:recorded]
+    assert staging_path(small_fs, "b" * 32).read_bytes()[:recorded] == body[:recorded]
 
 
 @pytest.fixture(params=["native", "pure"])
@@ -191,21 +170,14 @@ def splice_impl(request, monkeypatch):
     return _fastio_py
 
 
-def test_receive_reports_a_full_disk_with_the_bytes_written_before(tiny_fs, pair, splice_impl):
-    create_upload(tiny_fs, "c" * 32, "f.bin", 3 << 20)
-    writer = open_writer(tiny_fs, "c" * 32, 0)
+def test_receive_reports_a_full_disk_with_the_bytes_written_before(small_fs, pair, splice_impl):
+    create_upload(small_fs, "c" * 32, "f.bin", 3 << 20)
+    writer = open_writer(small_fs, "c" * 32, 0)
     writer.checkpoints = False
     a, b = pair
     body = os.urandom(2 << 20)
 
-    def send() -> None:
-        try:
-            b.sendall(body)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=send)
-    t.start()
+    t = feed(b, body)
     try:
         result = writer.receive(a, len(body), None)
     finally:
@@ -215,7 +187,7 @@ def test_receive_reports_a_full_disk_with_the_bytes_written_before(tiny_fs, pair
     assert getattr(result.error, "status", None) == 507
     assert 0 < result.written < 1 << 20
     assert result.consumed >= result.written
-    assert staging_path(tiny_fs, "c" * 32).read_bytes() == body[: result.written]
+    assert staging_path(small_fs, "c" * 32).read_bytes() == body[: result.written]
 
 
 @pytest.mark.parametrize("chunks", [1, 7])
