@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import json
 import os
 import secrets
 import select
 import socket
+import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -153,10 +155,29 @@ def _disk_full(exc: OSError) -> bool:
 # -- state files --------------------------------------------------------------
 
 
+class _TempTags:
+    """Unique temp-file name parts: this process's pid and a random tag, then
+    a counter (no system call per name; a forked child draws its own tag)."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}.{next(self.counter)}"
+
+
+_temp_tag = _TempTags()
+
+
 def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) -> None:
     """Replace the state file atomically (a reader sees the old or the new one)."""
     final = state_path(vfolder, state.session)
-    tmp = final.with_name(f"{final.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = final.with_name(f"{final.name}.{_temp_tag()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
@@ -175,13 +196,26 @@ def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) ->
         _fsync_dir(final.parent)
 
 
+def _read_small_file(path: Path) -> bytes:
+    # open/read/close and nothing else: pathlib's read_bytes adds five more
+    # system calls, each a chance to lose the GIL under load.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            chunks.append(chunk)
+            if len(chunk) < 1 << 16:  # a short read of a regular file: its end
+                return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def read_state(vfolder: Path, session: str) -> UploadState | None:
     """The upload's state, or None if there is no such upload (or it is unreadable)."""
     try:
-        raw = state_path(vfolder, session).read_bytes()
-    except FileNotFoundError:
-        return None
-    except NotADirectoryError:
+        raw = _read_small_file(state_path(vfolder, session))
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         state = UploadState.from_json(raw)
@@ -654,6 +688,22 @@ def _target_path(vfolder: Path, relpath: str, dst_dir: str | None) -> Path:
         rel = validate_relpath(dst_dir, "dst_dir") / rel
     if str(rel) == "." or rel.parts[0] == STAGING_DIR:
         raise InvalidPath(f"not a file path in the vfolder: {str(rel)!r}", data={"relpath": "invalid"})
+    # Without a symlink on the way (relpath has no ".."), the parents are in
+    # the vfolder: two system calls a level instead of resolving every path.
+    parent = vfolder
+    for part in rel.parts[:-1]:
+        child = parent / part
+        try:
+            os.mkdir(child)
+        except FileExistsError:
+            if os.path.islink(child):
+                return _resolved_target_path(vfolder, rel)
+        parent = child
+    return _not_a_directory(parent / rel.parts[-1], rel)
+
+
+def _resolved_target_path(vfolder: Path, rel: Path) -> Path:
+    """``_target_path`` past symlinks: each parent is resolved and checked."""
     real_root = os.path.realpath(vfolder)
     parent = Path(real_root)
     for part in rel.parts[:-1]:
@@ -668,8 +718,15 @@ def _target_path(vfolder: Path, relpath: str, dst_dir: str | None) -> Path:
                 f"relpath: leads outside the vfolder: {str(rel)!r}", data={"relpath": "leads outside the vfolder"}
             )
         parent = Path(real)
-    target = parent / rel.parts[-1]
-    if target.is_dir() and not target.is_symlink():
+    return _not_a_directory(parent / rel.parts[-1], rel)
+
+
+def _not_a_directory(target: Path, rel: Path) -> Path:
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return target
+    if stat.S_ISDIR(mode):
         raise InvalidPath(f"relpath: a directory is in the way: {str(rel)!r}", data={"relpath": "is a directory"})
     return target
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,6 +42,7 @@ from storage.uploads import (
     NORMAL,
     PARTIAL,
     OffsetMismatch,
+    Received,
     StopSignal,
     UploadCompleted,
     UploadNotFound,
@@ -573,6 +574,7 @@ class PatchInProgress:
         self.length = length
         self.checksum = checksum
         self.target: PatchTarget | None = None
+        self.early_outcome: UploadState | Failure | None = None
         self.outcome: UploadState | Failure | None = None
         self.waiters: list[Deferred[UploadState]] = []
         ready: Deferred[PatchTarget] = Deferred()
@@ -628,8 +630,20 @@ class PatchInProgress:
             stop.close()
             return result
 
-        d = threads.run(target.writer.receive, sock, count, target.hasher, stop)
+        d = threads.run(self._receive_and_finish, target, sock, count, stop)
         return d.addBoth(release)
+
+    def _receive_and_finish(self, target: PatchTarget, sock: Any, count: int, stop: StopSignal) -> Received:
+        """In a socket thread: the rest of the body and, when all of it came,
+        the PATCH's outcome too (one thread hop fewer, and no wait for a pool
+        thread, per PATCH)."""
+        result = target.writer.receive(sock, count, target.hasher, stop)
+        if result.consumed == count and result.error is None and not result.stopped:
+            try:
+                self.early_outcome = target.finish(True, None, self.ref.dst_dir, self.ref.token.exp)
+            except BaseException:
+                self.early_outcome = Failure()
+        return result
 
     def _opened(self, target: PatchTarget) -> PatchTarget:
         self.target = target
@@ -639,8 +653,12 @@ class PatchInProgress:
 
     def _body_done(self, result: int | Failure) -> Deferred[None]:
         error = result.value if isinstance(result, Failure) else None
-        if self.target is None:
-            d: Deferred[UploadState] = Deferred()
+        if self.early_outcome is not None:  # the socket thread already finished it
+            d: Deferred[UploadState] = (
+                fail(self.early_outcome) if isinstance(self.early_outcome, Failure) else succeed(self.early_outcome)
+            )
+        elif self.target is None:
+            d = Deferred()
             d.errback(result if isinstance(result, Failure) else Failure(RuntimeError("no target")))
         else:
             keep = self.ref.token.exp

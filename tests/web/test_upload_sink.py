@@ -248,12 +248,12 @@ def test_a_large_body_is_handed_to_a_socket_thread_after_the_queue_drains(h):
     assert threads.calls == []
     assert conn.transport.producerState == "paused"
     h.pool.step()
-    [((f, sock, count, hasher, stopping), d)] = threads.calls
-    assert count == size - 1000 and hasher is None and isinstance(sock, FakeSocket)
+    [((f, target, sock, count, stop), d)] = threads.calls
+    assert count == size - 1000 and target.hasher is None and isinstance(sock, FakeSocket)
     assert conn.transport.producerState == "paused"
     assert threads.active == 1
     # The thread writes the rest itself; here the test stands in for it.
-    writer = f.__self__
+    writer = target.writer
     writer.write([b"b" * count])
     d.callback(Received(consumed=count, written=count))
     assert threads.active == 0
@@ -274,8 +274,8 @@ def test_a_client_leaving_during_the_hand_off_keeps_what_the_thread_wrote(h):
     conn.transport.socket = FakeSocket()
     conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
     h.pool.run_all()
-    [((f, sock, count, hasher, stopping), d)] = threads.calls
-    f.__self__.write([b"c" * 5000])
+    [((f, target, sock, count, stop), d)] = threads.calls
+    target.writer.write([b"c" * 5000])
     d.callback(Received(consumed=5000, written=5000, eof=True))
     conn.drop()
     h.pool.run_all()
@@ -348,3 +348,37 @@ def test_a_refused_long_patch_rolls_its_checkpoints_back(h, monkeypatch):
     assert r.status == 413
     assert read_state(h.vfolder, session).offset == 0
     assert staging_path(h.vfolder, session).read_bytes() == b""
+
+
+def test_a_thread_that_received_the_whole_body_also_finishes_the_upload(h):
+    import socket
+    import threading
+
+    threads = FakeSocketThreads()
+    h.tus.socket_threads = threads
+    size = 1 << 20
+    token, session = h.new_upload(size)
+    conn = Connection(h)
+    conn.transport.socket = FakeSocket()
+    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    conn.send(b"a" * 1000)
+    h.pool.step()
+    h.pool.step()
+    [((f, target, sock, count, stop), d)] = threads.calls
+    # Run the thread's job for real, over a socketpair carrying the rest of the body.
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    sender = threading.Thread(target=b.sendall, args=(b"b" * count,))
+    sender.start()
+    try:
+        result = f(target, a, count, stop)
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+    assert (result.consumed, result.error) == (count, None)
+    assert h.target().read_bytes() == b"a" * 1000 + b"b" * count  # already in place
+    d.callback(result)
+    assert not h.pool.step()  # no pool hop left: the outcome came with the thread's result
+    [r] = conn.responses()
+    assert r.status == 204 and r.header("Upload-Offset") == str(size)
