@@ -233,16 +233,24 @@ class FakeSocketThreads:
         return d
 
 
-def test_a_large_body_is_handed_to_a_socket_thread_after_the_queue_drains(h):
-    from storage.uploads import Received
-
+def patch_with_socket_threads(h, size: int, busy: bool = False):
+    """A PATCH of ``size`` bytes whose headers arrived, with fake socket threads."""
     threads = FakeSocketThreads()
+    if busy:
+        threads.active = threads.limit
     h.tus.socket_threads = threads
-    size = 1 << 20
     token, session = h.new_upload(size)
     conn = Connection(h)
     conn.transport.socket = FakeSocket()
     conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    return threads, conn, session
+
+
+def test_a_large_body_is_handed_to_a_socket_thread_after_the_queue_drains(h):
+    from storage.uploads import Received
+
+    size = 1 << 20
+    threads, conn, session = patch_with_socket_threads(h, size)
     conn.send(b"a" * 1000)  # came with the headers
     h.pool.step()  # open: then the 1000 bytes are written before the hand-off
     assert threads.calls == []
@@ -266,13 +274,8 @@ def test_a_large_body_is_handed_to_a_socket_thread_after_the_queue_drains(h):
 def test_a_client_leaving_during_the_hand_off_keeps_what_the_thread_wrote(h):
     from storage.uploads import Received
 
-    threads = FakeSocketThreads()
-    h.tus.socket_threads = threads
     size = 1 << 20
-    token, session = h.new_upload(size)
-    conn = Connection(h)
-    conn.transport.socket = FakeSocket()
-    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    threads, conn, session = patch_with_socket_threads(h, size)
     h.pool.run_all()
     [((f, target, sock, count, stop), d)] = threads.calls
     target.writer.write([b"c" * 5000])
@@ -283,14 +286,8 @@ def test_a_client_leaving_during_the_hand_off_keeps_what_the_thread_wrote(h):
 
 
 def test_no_hand_off_when_every_socket_thread_is_busy(h):
-    threads = FakeSocketThreads()
-    threads.active = threads.limit
-    h.tus.socket_threads = threads
     size = 1 << 20
-    token, _ = h.new_upload(size)
-    conn = Connection(h)
-    conn.transport.socket = FakeSocket()
-    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    threads, conn, _ = patch_with_socket_threads(h, size, busy=True)
     h.pool.run_all()
     assert threads.calls == []
     assert conn.transport.producerState == "producing"
@@ -354,13 +351,8 @@ def test_a_thread_that_received_the_whole_body_also_finishes_the_upload(h):
     import socket
     import threading
 
-    threads = FakeSocketThreads()
-    h.tus.socket_threads = threads
     size = 1 << 20
-    token, session = h.new_upload(size)
-    conn = Connection(h)
-    conn.transport.socket = FakeSocket()
-    conn.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), size)
+    threads, conn, session = patch_with_socket_threads(h, size)
     conn.send(b"a" * 1000)
     h.pool.step()
     h.pool.step()
