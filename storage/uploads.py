@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from backends import crossmove
@@ -702,7 +702,7 @@ def _target_path(vfolder: Path, relpath: str, dst_dir: str | None) -> Path:
     return _not_a_directory(parent / rel.parts[-1], rel)
 
 
-def _resolved_target_path(vfolder: Path, rel: Path) -> Path:
+def _resolved_target_path(vfolder: Path, rel: PurePath) -> Path:
     """``_target_path`` past symlinks: each parent is resolved and checked."""
     real_root = os.path.realpath(vfolder)
     parent = Path(real_root)
@@ -721,7 +721,7 @@ def _resolved_target_path(vfolder: Path, rel: Path) -> Path:
     return _not_a_directory(parent / rel.parts[-1], rel)
 
 
-def _not_a_directory(target: Path, rel: Path) -> Path:
+def _not_a_directory(target: Path, rel: PurePath) -> Path:
     try:
         mode = os.lstat(target).st_mode
     except FileNotFoundError:
