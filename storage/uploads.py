@@ -197,16 +197,14 @@ def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) ->
 
 
 def _read_small_file(path: Path) -> bytes:
-    # open/read/close and nothing else: pathlib's read_bytes adds five more
+    # open/read/close and nothing else: pathlib's read_bytes adds four more
     # system calls, each a chance to lose the GIL under load.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
-        while True:
-            chunk = os.read(fd, 1 << 16)
+        while chunk := os.read(fd, 1 << 16):
             chunks.append(chunk)
-            if len(chunk) < 1 << 16:  # a short read of a regular file: its end
-                return b"".join(chunks)
+        return b"".join(chunks)
     finally:
         os.close(fd)
 
