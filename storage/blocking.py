@@ -26,11 +26,16 @@ class BlockingPool(Service):
 
     def __init__(self, reactor: IReactorFromThreads, max_threads: int = 16) -> None:
         self.reactor = reactor
+        self.max_threads = max_threads
         self.threadpool = ThreadPool(minthreads=0, maxthreads=max_threads, name="storage-io")
 
     def startService(self) -> None:
         super().startService()
         self.threadpool.start()
+        # Every thread now, not when a burst of requests arrives: starting a
+        # thread makes the reactor wait until the new thread runs, which on
+        # busy cores can take tens of milliseconds.
+        self.threadpool.adjustPoolsize(minthreads=self.max_threads, maxthreads=self.max_threads)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

@@ -490,9 +490,7 @@ class SocketThreads(BlockingPool):
 
     def startService(self) -> None:
         self.stopping = False
-        super().startService()
-        # Started now, not on the reactor thread when a burst of uploads arrives.
-        self.threadpool.adjustPoolsize(minthreads=self.limit, maxthreads=self.limit)
+        super().startService()  # starts all ``limit`` threads
 
     def stopService(self) -> Any:
         self.stopping = True
