@@ -257,6 +257,25 @@ def test_a_symlink_leading_out_of_the_vfolder_is_refused_at_completion(h, tmp_pa
     assert (h.vfolder / "link" / "f.txt").read_bytes() == b"abc"
 
 
+
+def test_a_symlink_to_a_directory_inside_the_vfolder_is_followed(h):
+    (h.vfolder / "real" / "deep").mkdir(parents=True)
+    (h.vfolder / "alias").symlink_to(h.vfolder / "real")
+    token, _ = h.new_upload(3, relpath="alias/deep/new/f.txt")
+    assert h.patch(token, 0, b"abc").status == 204
+    assert (h.vfolder / "real" / "deep" / "new" / "f.txt").read_bytes() == b"abc"
+    assert (h.vfolder / "alias").is_symlink()
+
+
+def test_a_directory_where_the_file_goes_is_refused_and_the_bytes_kept(h):
+    (h.vfolder / "d" / "f.txt").mkdir(parents=True)
+    token, session = h.new_upload(3, relpath="d/f.txt")
+    r = h.patch(token, 0, b"abc")
+    assert r.status == 400
+    assert problem_type(r) == "invalid-path"
+    assert (h.vfolder / "d" / "f.txt").is_dir()
+    assert h.head(token).header("Upload-Offset") == "3"
+
 def test_a_second_patch_while_one_is_in_flight_is_refused(h):
     token, session = h.new_upload(10)
     first = Connection(h)
