@@ -58,7 +58,9 @@ setup(
         "twisted[tls]>=24.7",
         "klein>=24.8",
         "treq>=24.9",
-        "toml>=0.10",
+        # TOML 1.0: tomllib from 3.11, its tomli backport before; tomli-w writes the secrets file.
+        "tomli>=2.0; python_version < '3.11'",
+        "tomli-w>=1.0",
         "pyjwt>=2.8",
         "prometheus-client>=0.20",
         "werkzeug>=3.0",

@@ -137,7 +137,7 @@ class Daemon:
         self.manager_port = self.client_port = 0
 
     def start(self, timeout: float = 30.0) -> Daemon:
-        import toml
+        import tomli_w
 
         config = {
             "storage-proxy": {"node-id": "bench", "secret": SECRET, "io-threads": self.io_threads},
@@ -149,7 +149,7 @@ class Daemon:
             "logging": {"level": "WARNING"},
         }
         path = self.workdir / "storage-proxy.toml"
-        path.write_text(toml.dumps(config))
+        path.write_text(tomli_w.dumps(config))
         env = dict(os.environ)
         root = str(Path(storage.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

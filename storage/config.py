@@ -11,11 +11,17 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import toml
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 KNOWN_BACKENDS = ("vfs", "xfs", "cephfs", "purestorage")
 
@@ -306,8 +312,8 @@ def load_config(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from None
     try:
-        root = toml.loads(text)
-    except toml.TomlDecodeError as exc:
+        root = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), f"not valid TOML: {exc}") from None
     return parse_config(root, source=path)
 
@@ -322,7 +328,7 @@ def find_config_file() -> Path | None:
 def _load_or_create_secrets(path: Path) -> tuple[dict[str, str], bool]:
     """Secrets generated once and kept in a 0600 file beside the data."""
     if path.exists():
-        data = toml.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
         if isinstance(data.get("secret"), str) and isinstance(data.get("manager-secret"), str):
             return {"secret": data["secret"], "manager-secret": data["manager-secret"]}, False
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +336,7 @@ def _load_or_create_secrets(path: Path) -> tuple[dict[str, str], bool]:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(toml.dumps(data))
+        f.write(tomli_w.dumps(data))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import toml
+import tomli_w
 
 import storage
 
@@ -161,7 +161,7 @@ class StorageProxyProcess:
         return deep_merge(cfg, self.extra_config)
 
     def write_config(self) -> Path:
-        self.config_path.write_text(toml.dumps(self.config()))
+        self.config_path.write_text(tomli_w.dumps(self.config()))
         return self.config_path
 
     def run_to_completion(self, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:

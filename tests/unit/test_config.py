@@ -5,7 +5,6 @@ import stat
 from pathlib import Path
 
 import pytest
-import toml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,6 +15,7 @@ from storage.config import (
     parse_config,
     parse_duration,
     parse_size,
+    tomllib,
 )
 
 
@@ -188,7 +188,7 @@ def test_default_config_generates_secrets_once(tmp_path):
     assert (tmp_path / "vfroot" / "local").is_dir()
     secrets_file = tmp_path / "vfroot" / ".storage-proxy-secrets.toml"
     assert stat.S_IMODE(os.stat(secrets_file).st_mode) == 0o600
-    assert toml.loads(secrets_file.read_text())["manager-secret"] == first.manager.secret
+    assert tomllib.loads(secrets_file.read_text())["manager-secret"] == first.manager.secret
     second = default_config(tmp_path / "vfroot")
     assert not second.generated_secrets
     assert (second.secret, second.manager.secret) == (first.secret, first.manager.secret)
