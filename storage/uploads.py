@@ -63,6 +63,8 @@ FINAL = "final"
 class UploadNotFound(NotFound):
     problem = "tus-session-not-found"
     title = "No such upload session"
+    # upstream's TusSessionNotFoundError
+    error_code = "storage-proxy_read_not-found"
 
 
 class UploadBusy(StorageError):
@@ -71,12 +73,14 @@ class UploadBusy(StorageError):
     status = 423
     problem = "tus-upload-locked"
     title = "The upload is being written by another request"
+    error_code = "storage-proxy_update_conflict"
 
 
 class UploadCompleted(StorageError):
     status = 409
     problem = "tus-upload-completed"
     title = "The upload is already complete"
+    error_code = "storage-proxy_update_conflict"
 
 
 def new_session_id() -> str:
@@ -666,6 +670,8 @@ class OffsetMismatch(StorageError):
     status = 409
     problem = "upload-offset-mismatch"
     title = "Upload-Offset does not match the current offset"
+    # upstream's UploadOffsetMismatchError
+    error_code = "storage-proxy_update_conflict"
 
     def __init__(self, current: int) -> None:
         super().__init__(f"the upload is at offset {current}", current_offset=current)

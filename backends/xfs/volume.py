@@ -48,6 +48,8 @@ class QuotaDirectoryNotEmpty(StorageError):
     status = 409
     problem = "quota-directory-not-empty"
     title = "Quota Directory Not Empty"
+    # upstream's QuotaDirectoryNotEmptyError
+    error_code = "quota-scope_purge_conflict"
 
 
 @dataclass(frozen=True)

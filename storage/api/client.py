@@ -21,7 +21,7 @@ TUS_METHODS = ["OPTIONS", "HEAD", "PATCH", "POST", "DELETE", "GET"]
 
 class ClientAPI:
     app = Klein()
-    add_error_handling(app)
+    add_error_handling(app, client=True)
 
     def __init__(self, config: Any, volumes: Any, pool: Any, reactor: Any) -> None:
         self.config = config

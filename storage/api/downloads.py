@@ -66,12 +66,14 @@ class PreconditionFailed(StorageError):
     status = 412
     problem = "precondition-failed"
     title = "Precondition Failed"
+    error_code = "storage-proxy_read_mismatch"
 
 
 class RangeNotSatisfiable(StorageError):
     status = 416
     problem = "range-not-satisfiable"
     title = "Range Not Satisfiable"
+    error_code = "storage-proxy_read_invalid-parameters"
 
 
 class NotARegularFile(InvalidAPIParameters):

@@ -39,6 +39,8 @@ class MalformedRequest(StorageError):
     status = 400
     problem = "malformed-request"
     title = "Malformed request (request body should be empty)"
+    # upstream's check_params answers without a code
+    error_code = "vfolder_request_bad-request"
 
 
 _REQUIRED = object()

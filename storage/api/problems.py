@@ -26,6 +26,9 @@ log = Logger()
 
 JSON = b"application/json"
 PROBLEM_JSON = b"application/problem+json"
+# A path or method no route serves (upstream: aiohttp's text/plain 404/405).
+ROUTING_NOT_FOUND = "storage-proxy_request_not-found"
+ROUTING_BAD_REQUEST = "storage-proxy_request_bad-request"
 
 
 def json_body(request: IRequest, body: Any, status: int = 200, content_type: bytes = JSON) -> bytes:
@@ -38,8 +41,8 @@ def problem(request: IRequest, status: int, body: dict[str, Any]) -> bytes:
     return json_body(request, body, status, PROBLEM_JSON)
 
 
-def problem_for(request: IRequest, exc: StorageError) -> bytes:
-    return problem(request, exc.status, exc.body())
+def problem_for(request: IRequest, exc: StorageError, *, client: bool = False) -> bytes:
+    return problem(request, exc.status, exc.body(client=client))
 
 
 def _describe(request: IRequest) -> dict[str, str]:
@@ -50,12 +53,12 @@ def _describe(request: IRequest) -> dict[str, str]:
     }
 
 
-def handle_storage_error(request: IRequest, failure: Failure) -> bytes:
+def handle_storage_error(request: IRequest, failure: Failure, *, client: bool = False) -> bytes:
     exc = failure.value
     assert isinstance(exc, StorageError)
     if exc.status >= 500:
         log.failure("{method} {path} (volume {volume}) failed", failure, **_describe(request))  # type: ignore[arg-type]
-    return problem_for(request, exc)
+    return problem_for(request, exc, client=client)
 
 
 def handle_http_exception(request: IRequest, failure: Failure) -> bytes:
@@ -66,7 +69,8 @@ def handle_http_exception(request: IRequest, failure: Failure) -> bytes:
     valid_methods = getattr(exc, "valid_methods", None)
     if code == 405 and valid_methods:
         request.setHeader(b"Allow", ", ".join(valid_methods).encode())
-    return problem(request, code, {"type": PROBLEM_BASE + slug, "title": exc.name})
+    error_code = ROUTING_NOT_FOUND if code == 404 else ROUTING_BAD_REQUEST
+    return problem(request, code, {"type": PROBLEM_BASE + slug, "title": exc.name, "error_code": error_code})
 
 
 def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
@@ -77,7 +81,7 @@ def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
     return problem(
         request,
         500,
-        {"type": PROBLEM_BASE + "generic", "title": "Internal Server Error",
+        {"type": PROBLEM_BASE + "generic", "title": "Internal Server Error", "error_code": StorageError.error_code,
          "msg": "an unexpected error happened; it has been logged"},
     )
 
@@ -98,12 +102,15 @@ class Utf8PathGuard(Resource):
                 part.decode("utf-8")
         except UnicodeDecodeError:
             return problem(request, 400, {"type": PROBLEM_BASE + "invalid-path", "title": "Invalid Path",
-                                          "msg": "the URL is not valid UTF-8"})
+                                          "error_code": ROUTING_BAD_REQUEST, "msg": "the URL is not valid UTF-8"})
         return self.inner.render(request)
 
 
-def add_error_handling(app: Klein) -> None:
-    """Register the three handlers on a Klein app (class-level apps pass ``self`` first)."""
+def add_error_handling(app: Klein, *, client: bool = False) -> None:
+    """Register the three handlers on a Klein app (class-level apps pass ``self`` first).
+
+    ``client``: the client-facing API, whose errors carry ``client_error_code``.
+    """
 
     def wrap(f: Any) -> Any:
         def handler(*args: Any) -> Any:
@@ -112,6 +119,9 @@ def add_error_handling(app: Klein) -> None:
 
         return handler
 
-    app.handle_errors(StorageError)(wrap(handle_storage_error))
+    def storage_error(request: IRequest, failure: Failure) -> bytes:
+        return handle_storage_error(request, failure, client=client)
+
+    app.handle_errors(StorageError)(wrap(storage_error))
     app.handle_errors(HTTPException)(wrap(handle_http_exception))
     app.handle_errors(Exception)(wrap(handle_unexpected))

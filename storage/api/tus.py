@@ -83,6 +83,7 @@ ALLOW_METHODS = "OPTIONS, HEAD, PATCH, POST, DELETE"
 
 class TusError(StorageError):
     headers: dict[str, str] = {}
+    error_code = "storage-proxy_request_bad-request"
 
 
 class UnsupportedVersion(TusError):
@@ -102,24 +103,28 @@ class ChecksumMismatch(TusError):
     status = 460
     problem = "tus-checksum-mismatch"
     title = "Checksum Mismatch"
+    error_code = "storage-proxy_update_mismatch"
 
 
 class UnknownChecksum(TusError):
     status = 400
     problem = "tus-checksum-algorithm-unsupported"
     title = "Unsupported checksum algorithm"
+    error_code = "storage-proxy_request_invalid-parameters"
 
 
 class UploadTooLong(TusError):
     status = 413
     problem = "tus-upload-length-exceeded"
     title = "The body goes past Upload-Length"
+    error_code = "storage-proxy_update_invalid-parameters"
 
 
 class ConcatForbidden(TusError):
     status = 403
     problem = "tus-concat-final-patch"
     title = "A final upload cannot be patched"
+    error_code = "storage-proxy_update_forbidden"
 
 
 class MethodNotAllowed(TusError):

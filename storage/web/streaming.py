@@ -179,7 +179,7 @@ class DiscardSink(_NotAFile):
 
 def problem_response(error: StorageError, extra_headers: dict[bytes, bytes] | None = None) -> bytes:
     """A complete HTTP/1.1 response for ``error``, for writing to the transport directly."""
-    body = json.dumps(error.body()).encode()
+    body = json.dumps(error.body(client=True)).encode()
     reason = http.RESPONSES.get(error.status, b"Error")
     lines = [
         b"HTTP/1.1 %d %s" % (error.status, reason),
@@ -298,7 +298,7 @@ class StreamingRequest(Request):
         for name, value in (self.early_headers or {}).items():
             self.setHeader(name, value)
         self.setHeader(b"Content-Type", b"application/problem+json")
-        self.write(json.dumps(error.body()).encode())
+        self.write(json.dumps(error.body(client=True)).encode())
         self.finish()
 
     def finish(self) -> None:

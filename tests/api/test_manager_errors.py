@@ -47,7 +47,8 @@ async def test_missing_token_is_upstreams_403(manager: StubManager, method: str,
     r = await manager.request(method, path, {"volume": "local"}, auth=False)
     assert r.code == 403
     assert r.content_type == PROBLEM
-    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (missing auth token)"}
+    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (missing auth token)",
+                        "error_code": "vfolder_auth_forbidden"}
 
 
 @pytest.mark.parametrize("method,path", AUTHED_ROUTES)
@@ -56,7 +57,8 @@ async def test_wrong_token_is_upstreams_403(manager: StubManager, method: str, p
     r = await manager.request(method, path, {"volume": "local"}, auth="not-the-secret")
     assert r.code == 403
     assert r.content_type == PROBLEM
-    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (invalid auth token)"}
+    assert r.json() == {"type": BASE + "forbidden", "title": "Forbidden (invalid auth token)",
+                        "error_code": "vfolder_auth_forbidden"}
 
 
 @pytest_twisted.ensureDeferred
@@ -79,7 +81,8 @@ async def test_status_refuses_a_body_as_upstream(manager: StubManager) -> None:
     r = await manager.request("GET", "/status", {"x": 1}, auth=False)
     assert r.code == 400
     assert r.json() == {"type": BASE + "malformed-request",
-                        "title": "Malformed request (request body should be empty)"}
+                        "title": "Malformed request (request body should be empty)",
+                        "error_code": "vfolder_request_bad-request"}
 
 
 @pytest_twisted.ensureDeferred

@@ -107,10 +107,12 @@ async def test_metrics(client: ManagerClient) -> None:
 async def test_auth_failures(daemon: StorageProxyProcess) -> None:
     code, ctype, body = await raw(daemon, "GET", "/volumes")
     assert (code, ctype) == (403, PROBLEM)
-    assert json.loads(body) == {"type": BASE + "forbidden", "title": "Forbidden (missing auth token)"}
+    assert json.loads(body) == {"type": BASE + "forbidden", "title": "Forbidden (missing auth token)",
+                                "error_code": "vfolder_auth_forbidden"}
     code, ctype, body = await raw(daemon, "GET", "/volumes", headers={AUTH_HEADER: "wrong"})
     assert (code, ctype) == (403, PROBLEM)
-    assert json.loads(body) == {"type": BASE + "forbidden", "title": "Forbidden (invalid auth token)"}
+    assert json.loads(body) == {"type": BASE + "forbidden", "title": "Forbidden (invalid auth token)",
+                                "error_code": "vfolder_auth_forbidden"}
     code, _, body = await raw(daemon, "POST", "/folder/create", {"volume": "local", "vfid": new_vfid()},
                               headers={AUTH_HEADER: daemon.manager_secret[:-1]})
     assert code == 403
