@@ -99,6 +99,7 @@ class Config:
     shutdown_grace: float = 10.0
     reactor_realtime: bool = True  # SCHED_RR for the reactor thread when permitted
     log_level: str = "INFO"
+    artifacts: Any = None  # storage.artifact_config.ArtifactConfig (the /v1 API)
     source: Path | None = None  # the file this came from; None for the embedded default
     generated_secrets: bool = False
 
@@ -280,6 +281,8 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("[logging] level", f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}")
     max_body = parse_size(sp.get("max-manager-body-size", "1m"), f"{k} max-manager-body-size")
+    from storage.artifact_config import parse_artifact_config
+
     return Config(
         node_id=_str(sp, "node-id", f"{k} node-id", "storage-proxy") or "storage-proxy",
         secret=secret,
@@ -301,6 +304,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         shutdown_grace=parse_duration(sp.get("shutdown-grace", "10s"), f"{k} shutdown-grace"),
         reactor_realtime=_bool(sp, "reactor-realtime", f"{k} reactor-realtime", True),
         log_level=level,
+        artifacts=parse_artifact_config(root),
         source=source,
     )
 

@@ -35,6 +35,7 @@ from storage import API_VERSION, tokens
 from storage.api import params as p
 from storage.api.params import Field
 from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
+from storage.artifacts.registry import ArtifactStorages, ArtifactStorageService
 from storage.auth import check_manager_token
 from storage.errors import (
     DeprecatedAPI,
@@ -270,9 +271,13 @@ class ManagerAPI:
         self.reactor = reactor
         self.metrics = ManagerMetrics(bgtasks)
         self.health = HealthChecker(volumes, pool, reactor)
+        self.artifacts = ArtifactStorages(getattr(config, "artifacts", None))
 
     def services(self) -> list[Any]:
-        return [BackgroundTaskService(self.bgtasks, self.reactor, getattr(self.config, "shutdown_grace", 10.0))]
+        return [
+            ArtifactStorageService(self.artifacts),
+            BackgroundTaskService(self.bgtasks, self.reactor, getattr(self.config, "shutdown_grace", 10.0)),
+        ]
 
     def resource(self) -> Resource:
         """The Klein app behind a guard for what Klein answers in HTML."""
@@ -280,7 +285,9 @@ class ManagerAPI:
 
     def site(self) -> StorageSite:
         # The site answers 413 before buffering an oversized body; params.py checks again.
-        return StorageSite(self.resource(), max_body=self.config.max_manager_body)
+        from storage.api.artifacts import UploadBodies
+
+        return StorageSite(self.resource(), max_body=self.config.max_manager_body, body_handler=UploadBodies(self))
 
     # -- helpers ------------------------------------------------------------
 
@@ -773,3 +780,6 @@ class ManagerAPI:
         task = self.bgtasks.cancel(tid)
         return json_body(request, task.as_json(), 202 if task.status == "running" else 200)
 
+
+# The /v1 artifact-storage routes register themselves on ``app``.
+from storage.api import artifacts as _artifacts  # noqa: E402,F401

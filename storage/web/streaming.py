@@ -216,17 +216,18 @@ class StreamingRequest(Request):
         site = self.channel.site
         self.body_limit = getattr(site, "max_body", None)
         site_started = getattr(site, "request_started", None)
-        if self.body_limit is not None and length is not None and length > self.body_limit:
-            super().gotLength(0)
-            self.refuse(RequestTooLarge(f"the body is larger than {self.body_limit} bytes"), now=True)
-            return
         handler: BodyHandler | None = getattr(site, "body_handler", None)
         sink = handler(self, length) if handler is not None else None
         if self.early_error is not None:
             return  # the handler refused the body
         if sink is None:
+            if self.body_limit is not None and length is not None and length > self.body_limit:
+                super().gotLength(0)
+                self.refuse(RequestTooLarge(f"the body is larger than {self.body_limit} bytes"), now=True)
+                return
             super().gotLength(length)
             return
+        self.body_limit = None  # a streamed body: its sink applies its own limits
         self.content = sink
         if site_started is not None:
             # A streamed body is work in flight from its first byte.

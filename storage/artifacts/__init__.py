@@ -1,0 +1,1 @@
+"""The ``/v1`` artifact storages: VFS directories and S3 buckets (no HTTP here)."""
