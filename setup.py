@@ -64,6 +64,8 @@ setup(
         "pyjwt>=2.8",
         "prometheus-client>=0.20",
         "werkzeug>=3.0",
+        # S3 for the /v1 object storages (storage/artifacts/s3.py says why botocore).
+        "botocore>=1.34",
         "pyxattr>=0.8; sys_platform == 'linux'",
     ],
     extras_require={

@@ -269,3 +269,83 @@ async def vfs_download_file(self: ManagerAPI, request: Any, storage_name: str) -
         await ChunkProducer(request, lambda: next(source, b""), self.pool, close=source.close, kind="tar",
                             reactor=self.reactor).start()
     return b""
+
+
+# -- the object-storage routes -------------------------------------------------------
+
+S3 = "/v1/storages/s3/<storage_name>/buckets/<bucket_name>/object"
+
+
+def _key(value: Any) -> str:
+    from storage.artifacts.s3 import validate_key
+
+    try:
+        return validate_key(value)
+    except StorageError as exc:
+        raise p.ParamError(str(exc.msg or exc).split(": ", 1)[-1]) from None
+
+
+def _expiration(value: Any) -> int | None:
+    from storage.artifacts.s3 import MAX_PRESIGN_EXPIRY
+
+    if value is None:
+        return None
+    number = p.integer(value)
+    if not 1 <= number <= MAX_PRESIGN_EXPIRY:
+        raise p.ParamError(f"must be between 1 and {MAX_PRESIGN_EXPIRY} seconds")
+    return number
+
+
+def _s3(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str, *fields: Field) -> tuple[Any, dict[str, Any]]:
+    args = self._params(request, *fields, allow_extra=True)
+    storage = self.artifacts.get_s3(storage_name)
+    storage.check_bucket(bucket_name)
+    return storage, args
+
+
+@api_route(S3 + "/meta", "GET", name=S3 + "/meta")
+async def s3_get_object_meta(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    return json_body(request, await self.pool.run(storage.meta, bucket_name, args["key"]))
+
+
+@api_route(S3, "DELETE", name=S3)
+async def s3_delete_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    await self.pool.run(storage.delete, bucket_name, args["key"])
+    return self._no_content(request)
+
+
+@api_route(S3 + "/upload", "POST", name=S3 + "/upload")
+async def s3_upload_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    self.artifacts.get_s3(storage_name).check_bucket(bucket_name)
+    await await_upload(request)
+    return self._no_content(request)
+
+
+@api_route(S3 + "/download", "POST", name=S3 + "/download")
+async def s3_download_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    length, body = await self.pool.run(storage.open_download, bucket_name, args["key"])
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", b"application/octet-stream")
+    if length is not None:
+        request.setHeader(b"Content-Length", str(length).encode())
+    chunk = max(storage.config.download_chunk_size, 1 << 18)
+    await ChunkProducer(request, lambda: body.read(chunk), self.pool, close=body.close, kind="s3",
+                        reactor=self.reactor).start()
+    return b""
+
+
+@api_route(S3 + "/presigned/upload", "POST", name=S3 + "/presigned/upload")
+async def s3_presigned_upload(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    return json_body(request, await self.pool.run(storage.presigned_upload, bucket_name, args["key"]))
+
+
+@api_route(S3 + "/presigned/download", "POST", name=S3 + "/presigned/download")
+async def s3_presigned_download(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
+    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key),
+                        Field("expiration", _expiration, None))
+    return json_body(request, await self.pool.run(storage.presigned_download, bucket_name, args["key"],
+                                                  args["expiration"]))

@@ -271,7 +271,7 @@ class ManagerAPI:
         self.reactor = reactor
         self.metrics = ManagerMetrics(bgtasks)
         self.health = HealthChecker(volumes, pool, reactor)
-        self.artifacts = ArtifactStorages(getattr(config, "artifacts", None))
+        self.artifacts = ArtifactStorages(getattr(config, "artifacts", None), getattr(config, "io_threads", 16))
 
     def services(self) -> list[Any]:
         return [

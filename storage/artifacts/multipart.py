@@ -36,6 +36,12 @@ def _bad(message: str) -> InvalidAPIParameters:
     return InvalidAPIParameters(f"malformed multipart body: {message}")
 
 
+def _head(buf: bytearray, n: int) -> bytes:
+    """``bytes(buf[:n])`` with one copy, not two."""
+    with memoryview(buf) as view:
+        return bytes(view[:n])
+
+
 class MultipartParser:
     def __init__(self, boundary: str, on_file_start: Callable[[dict[str, str], str], None],
                  on_file: Callable[[bytes], None]) -> None:
@@ -106,10 +112,10 @@ class MultipartParser:
                     keep = len(self.delimiter) - 1
                     if len(self.buf) > keep:
                         cut = len(self.buf) - keep
-                        self._part_data(bytes(self.buf[:cut]))
+                        self._part_data(_head(self.buf, cut))
                         del self.buf[:cut]
                     return
-                self._part_data(bytes(self.buf[:i]))
+                self._part_data(_head(self.buf, i))
                 del self.buf[:i + len(self.delimiter)]
                 self._end_part()
                 self.state = _AFTER

@@ -14,8 +14,9 @@ from storage.errors import UnsupportedOperation
 
 
 class ArtifactStorages:
-    def __init__(self, config: ArtifactConfig | None) -> None:
+    def __init__(self, config: ArtifactConfig | None, max_connections: int = 16) -> None:
         config = config or ArtifactConfig()
+        self.max_connections = max_connections
         self.vfs: dict[str, VFSArtifactStorage] = {}
         self.object_storages: dict[str, ObjectStorageConfig] = {}
         self._s3: dict[str, Any] = {}
@@ -26,13 +27,19 @@ class ArtifactStorages:
                 self.object_storages[name] = cfg
 
     def prepare(self) -> None:
-        """Blocking, at start-up: create (or empty, if temporary) every VFS root."""
+        """Blocking, at start-up: create (or empty, if temporary) every VFS root, and
+        every S3 client (botocore loads its service model: not on the reactor, later)."""
         for name, storage in self.vfs.items():
             try:
                 storage.prepare()
             except OSError as exc:
                 raise ConfigError(f"[artifact-storages.{name}] base-path",
                                   f"cannot prepare {storage.config.root}: {exc.strerror or exc}") from None
+        for name in self.object_storages:
+            try:
+                self.get_s3(name)
+            except ValueError as exc:  # botocore refuses the endpoint, say
+                raise ConfigError(f"[artifact-storages.{name}] endpoint", str(exc)) from None
 
     def get_vfs(self, name: str) -> VFSArtifactStorage:
         try:
@@ -55,7 +62,7 @@ class ArtifactStorages:
             except ImportError:
                 raise UnsupportedOperation("object storages are not served by this build") from None
 
-            client = self._s3[name] = S3Storage(self.object_storages[name])
+            client = self._s3[name] = S3Storage(self.object_storages[name], self.max_connections)
         return client
 
 
