@@ -286,7 +286,9 @@ async def prepare_upload(
         raise InvalidAPIParameters.field("size", f"larger than the maximum upload size ({max_size} bytes)")
     session = new_session_id()
     vfolder = Path(volume.vfolder_path(vfid))
-    await volume.pool.run(create_upload, vfolder, session, relpath, size, expire=expire)
+    # The token's vfolder claims, so a token naming this session elsewhere is refused.
+    claims = {"vfid": str(vfid), "volume": str(getattr(volume, "name", "") or "")} if vfid is not None else {}
+    await volume.pool.run(create_upload, vfolder, session, relpath, size, expire=expire, extra=claims)
     return session
 
 

@@ -33,7 +33,13 @@ from twisted.python.failure import Failure
 
 from storage import fastio
 from storage.blocking import BlockingPool
-from storage.errors import InsufficientStorage, InvalidAPIParameters, RequestTooLarge, StorageError
+from storage.errors import (
+    InsufficientStorage,
+    InvalidAPIParameters,
+    InvalidToken,
+    RequestTooLarge,
+    StorageError,
+)
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
 from storage.tokens import UploadToken, verify_upload_token
@@ -315,6 +321,7 @@ class TusUploads:
             raise UploadNotFound()
         if state.expires < time.time() and not state.completed:
             raise UploadNotFound("the upload has expired")
+        check_claims(ref, state)
         return state
 
     # -- the route ------------------------------------------------------------------
@@ -416,7 +423,8 @@ class TusUploads:
             return state
         return create_upload(
             ref.vfolder, ref.session, ref.token.relpath, length,
-            expire=self.expire_seconds(), extra={"metadata": metadata},
+            expire=self.expire_seconds(),
+            extra={"metadata": metadata, "vfid": str(ref.token.vfid), "volume": ref.token.volume},
         )
 
     async def concatenate(self, request: Any, ref: UploadRef, parts: list[str]) -> bytes:
@@ -459,8 +467,8 @@ class TusUploads:
             raise WrongContentType()
         offset = parse_offset(header(request, b"Upload-Offset"))
         checksum = parse_checksum(header(request, b"Upload-Checksum"))
-        if not ref.partial and length is not None and offset + length > ref.token.size:
-            raise UploadTooLong(f"offset {offset} + {length} bytes is past Upload-Length {ref.token.size}")
+        # Whether the body fits is checked only after the offset (``_open``):
+        # tus answers a mismatched offset 409 before any check of the body.
         return PatchInProgress(self, request, ref, offset, length, checksum)
 
     async def patch(self, request: Any) -> bytes:
@@ -701,6 +709,27 @@ class PatchInProgress:
         else:
             d.callback(self.outcome)
         return d
+
+
+def check_claims(ref: UploadRef, state: UploadState) -> None:
+    """A validly signed token must also agree with the upload it names: the
+    relpath and size (and vfolder, where recorded) it was created with."""
+    token = ref.token
+    mismatched = []
+    if state.relpath != token.relpath:
+        mismatched.append("relpath")
+    if state.kind != PARTIAL and state.length != token.size:
+        mismatched.append("size")
+    recorded_vfid = state.extra.get("vfid")
+    if recorded_vfid is not None and recorded_vfid != str(token.vfid):
+        mismatched.append("vfid")
+    recorded_volume = state.extra.get("volume")
+    if recorded_volume and recorded_volume != token.volume:
+        mismatched.append("volume")
+    if mismatched:
+        raise InvalidToken(
+            f"the token's {', '.join(mismatched)} claim(s) differ from the upload's", mismatched=mismatched
+        )
 
 
 # -- small helpers -------------------------------------------------------------------------

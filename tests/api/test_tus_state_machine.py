@@ -64,11 +64,11 @@ class UploadMachine(RuleBasedStateMachine):
         r = self.h.patch(self.token, offset, body, **headers)
         if self.completed:
             assert r.status in (409, 413), r
-        elif offset + len(body) > SIZE:
-            assert r.status == 413, r
-        elif offset != self.offset:
+        elif offset != self.offset:  # tus: the offset is checked before the body
             assert r.status == 409, r
             assert int(r.header("Upload-Offset")) == self.offset
+        elif offset + len(body) > SIZE:
+            assert r.status == 413, r
         elif checksum == "bad":
             assert r.status == 460, r
         else:
