@@ -50,17 +50,86 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+class CuttableProxy:
+    """A loopback TCP relay in front of radosgw; ``cut()`` drops every connection
+    and refuses new ones (radosgw gone mid-transfer), ``restore()`` undoes it."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.cut_now = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut_now.is_set():
+                client.close()
+                continue
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.cut_now.set()
+        with self.lock:
+            conns, self.conns = self.conns, []
+        for c in conns:
+            try:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                c.shutdown(socket.SHUT_RDWR)  # wakes the relay threads blocked in recv
+                c.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        self.cut_now.clear()
+
+
+RELAY: CuttableProxy | None = None
+
+
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StorageProxyProcess, str]]:
+    global RELAY
     bucket = f"art-{uuid.uuid4().hex[:12]}"
     client = s3_client()
     client.create_bucket(Bucket=bucket)
     endpoint = os.environ["RGW_ENDPOINT"]
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(endpoint)
+    relay = RELAY = CuttableProxy((parts.hostname or "127.0.0.1", parts.port or 80))
     good = {"endpoint": endpoint, "access-key": os.environ["RGW_ACCESS_KEY"],
             "secret-key": os.environ["RGW_SECRET_KEY"], "region": "us-east-1", "buckets": [bucket, "no-such-bucket-here"]}
     daemon = StorageProxyProcess(tmp_path_factory.mktemp("s3") / "proxy", extra_config={"artifact-storages": {
         "rgw": {"type": "object_storage", "object-storage": good},
         "badcreds": {"type": "object_storage", "object-storage": dict(good, **{"secret-key": "wrong-secret-0123456789"})},
+        "flaky": {"type": "object_storage", "object-storage": dict(good, endpoint=f"http://127.0.0.1:{relay.port}")},
         "down": {"type": "object_storage",
                  "object-storage": dict(good, endpoint=f"http://127.0.0.1:{closed_port()}")},
     }})
@@ -250,3 +319,44 @@ def test_a_large_object_streams_both_ways_with_flat_memory(proxy: tuple[StorageP
     # malloc arenas keep their part-sized buffers; it does not grow with the size.)
     grew = f"daemon RSS grew by {(after_upload - before) >> 10} MiB uploading, {(peak[0] - before) >> 10} MiB in all"
     assert (peak[0] - before) < min(size_mib, 256) * 1024, grew
+
+
+def test_radosgw_gone_mid_transfer(proxy: tuple[StorageProxyProcess, str]) -> None:
+    daemon, bucket = proxy
+    assert RELAY is not None
+    RELAY.restore()
+    base = f"/v1/storages/s3/flaky/buckets/{bucket}/object"
+    key = f"flaky/{uuid.uuid4().hex}.bin"
+    size = 48 << 20
+    s3_client().put_object(Bucket=bucket, Key=key, Body=b"\x5a" * size)
+
+    # A download: radosgw goes away after the first bytes; the client must not
+    # mistake what it got for the whole object.
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=30)
+    conn.request("POST", base + "/download", body=json.dumps({"key": key}),
+                 headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret})
+    response = conn.getresponse()
+    assert response.status == 200
+    got = len(response.read(1 << 20))
+    RELAY.cut()
+    try:
+        while chunk := response.read(1 << 20):
+            got += len(chunk)
+        complete = True
+    except (http.client.IncompleteRead, ConnectionResetError):
+        complete = False  # the daemon aborts the response: no short body that looks whole
+    conn.close()
+    assert not complete or got < size
+    assert got < size
+
+    # An upload while it is gone: a clear 5xx problem, nothing written.
+    up_key = f"flaky/{uuid.uuid4().hex}.up"
+    status, headers, body = call(daemon, "POST", base + f"/upload?key={up_key}",
+                                 raw=form(os.urandom(12 << 20), {}), headers=MP)
+    assert status in (502, 503, 504), body
+    assert headers["content-type"] == "application/problem+json"
+
+    # Back again: the daemon serves, and the failed upload left no object.
+    RELAY.restore()
+    assert call(daemon, "GET", base + "/meta", {"key": key})[0] == 200
+    assert call(daemon, "GET", base + "/meta", {"key": up_key})[0] == 404
