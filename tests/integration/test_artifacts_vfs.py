@@ -34,6 +34,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StoragePro
     daemon.start()
     yield daemon, base
     daemon.stop(timeout=10)
+    assert "Traceback" not in daemon.log, daemon.log[-4000:]
 
 
 def call(daemon: StorageProxyProcess, method: str, path: str, body: object = None, *,
