@@ -178,8 +178,27 @@ class _TempTags:
 _temp_tag = _TempTags()
 
 
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_boot_id: list[str] = []
+
+
+def current_boot_id() -> str:
+    """This running kernel's boot id ("" where there is none)."""
+    if not _boot_id:
+        try:
+            _boot_id.append(_read_small_file(Path(BOOT_ID_PATH)).decode().strip())
+        except (OSError, UnicodeDecodeError):
+            _boot_id.append("")
+    return _boot_id[0]
+
+
 def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) -> None:
-    """Replace the state file atomically (a reader sees the old or the new one)."""
+    """Replace the state file atomically (a reader sees the old or the new one).
+
+    Every state records the boot id of the kernel that wrote it: bytes a
+    killed daemon left in the staging file are only trusted on that boot.
+    """
+    state = replace(state, extra=dict(state.extra, boot_id=current_boot_id()))
     final = state_path(vfolder, state.session)
     tmp = final.with_name(f"{final.name}.{_temp_tag()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -586,10 +605,16 @@ class UploadWriter:
             self._record_after_giving_back(offset)
         return self.state
 
+    def mark_unverified(self) -> None:
+        """Bytes from here on count only once verified (a checksummed PATCH):
+        crash recovery must not adopt them."""
+        self.state = replace(self.state, extra=dict(self.state.extra, unverified_from=self.state.offset))
+        write_state(self.vfolder, self.state)
+
     def _record(self, offset: int) -> None:
         fastio.fdatasync(self.fd)
-        if offset != self.state.offset:
-            new = replace(self.state, offset=offset)
+        if offset != self.state.offset or UNVERIFIED in self.state.extra:
+            new = replace(self.state, offset=offset, extra=_without(self.state.extra, UNVERIFIED))
             write_state(self.vfolder, new)
             self.state = new
 
@@ -620,8 +645,8 @@ class UploadWriter:
     def rollback(self) -> UploadState:
         """Discard this request's bytes (a checksum mismatch or a refused body),
         checkpoints included: the recorded offset goes back first, then the bytes."""
-        if self.state.offset != self.start:
-            self.state = replace(self.state, offset=self.start)
+        if self.state.offset != self.start or UNVERIFIED in self.state.extra:
+            self.state = replace(self.state, offset=self.start, extra=_without(self.state.extra, UNVERIFIED))
             write_state(self.vfolder, self.state)
         os.ftruncate(self.fd, self.start)
         self.offset = self.start
@@ -657,15 +682,47 @@ def open_writer(vfolder: Path, session: str, expected_offset: int | None) -> Upl
             raise UploadNotFound()
         if state.completed:
             raise UploadCompleted()
+        state = recover_staged_bytes(vfolder, fd, state)
         if expected_offset is not None and expected_offset != state.offset:
             raise OffsetMismatch(state.offset)
-        # Bytes past the offset of record were never acknowledged: drop them.
-        if os.fstat(fd).st_size != state.offset:
-            os.ftruncate(fd, state.offset)
     except BaseException:
         os.close(fd)
         raise
     return UploadWriter(vfolder, state, fd)
+
+
+UNVERIFIED = "unverified_from"
+
+
+def _without(extra: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k != key}
+
+
+def recover_staged_bytes(vfolder: Path, fd: int, state: UploadState) -> UploadState:
+    """Under the upload's lock, with no writer alive: settle the staging file
+    against the offset of record (blocking).
+
+    Bytes past the offset were received by a writer that never recorded
+    them (a daemon killed mid-PATCH).  On the boot that wrote the state they
+    are in the page cache, written in order at their offsets: make them
+    durable and record them.  After a reboot, or when they belong to an
+    unverified (checksummed) PATCH, only the recorded offset counts and the
+    rest is dropped.  The offset never goes beyond the bytes in the file.
+    """
+    size = os.fstat(fd).st_size
+    if size == state.offset and UNVERIFIED not in state.extra:
+        return state
+    boot = current_boot_id()
+    if size > state.offset and boot and state.extra.get("boot_id") == boot and UNVERIFIED not in state.extra:
+        offset = min(size, state.length)
+    else:
+        offset = min(size, state.offset)
+    if size != offset:
+        os.ftruncate(fd, offset)
+    fastio.fdatasync(fd)
+    new = replace(state, offset=offset, extra=_without(state.extra, UNVERIFIED))
+    write_state(vfolder, new)
+    return new
 
 
 class OffsetMismatch(StorageError):
@@ -809,9 +866,28 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
     state = read_state(vfolder, session)
     if state is None:
         raise UploadNotFound()
-    if not state.completed and not staging_path(vfolder, session).exists():
-        raise UploadNotFound()
-    return state
+    if state.completed:
+        return state
+    try:
+        fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        state = read_state(vfolder, session)  # completed (moved) just now?
+        if state is not None and state.completed:
+            return state
+        raise UploadNotFound() from None
+    try:
+        if os.fstat(fd).st_size == state.offset and UNVERIFIED not in state.extra:
+            return state  # settled: no lock taken, so a PATCH starting now is never refused for it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return state  # a writer is alive: its recorded offset is durable
+        state = read_state(vfolder, session) or state
+        if state.completed:
+            return state
+        return recover_staged_bytes(vfolder, fd, state)
+    finally:
+        os.close(fd)
 
 
 # -- concatenation (tus) ------------------------------------------------------------

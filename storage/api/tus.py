@@ -521,6 +521,8 @@ class PatchTarget:
         self.checksum = checksum
         self.hasher = CHECKSUMS[checksum[0]]() if checksum else None
         writer.checkpoints = checksum is None
+        if checksum is not None:
+            writer.mark_unverified()
 
     def write(self, buffers: list[bytes]) -> Deferred[int]:
         return self.pool.run(self._write, buffers)
