@@ -75,6 +75,8 @@ CHECKSUMS = {"md5": hashlib.md5, "sha1": hashlib.sha1, "sha256": hashlib.sha256}
 OFFSET_OCTET_STREAM = b"application/offset+octet-stream"
 # With more PATCH bodies than this streaming at once, leave write-back to the kernel.
 EARLY_WRITEBACK_MAX_PATCHES = 4
+# How long a HEAD or PATCH waits for an earlier PATCH it stopped to record its bytes.
+SUPERSEDE_WAIT = 1.0
 TUS_HEADERS = (
     "Tus-Resumable, Tus-Version, Tus-Max-Size, Tus-Extension, Tus-Checksum-Algorithm, "
     "Upload-Length, Upload-Offset, Upload-Metadata, Upload-Checksum, Upload-Concat, "
@@ -260,6 +262,8 @@ class TusUploads:
         self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
         self.socket_threads = SocketThreads(reactor)
         self.patches_in_flight = 0
+        # The PATCH streaming into each upload here, by (vfolder, session).
+        self.active: dict[tuple[str, str], PatchInProgress] = {}
         keep_body_buffers_in_the_heap()
 
     def services(self) -> list[Any]:
@@ -362,7 +366,18 @@ class TusUploads:
         request.setResponseCode(204)
         return b""
 
+    def supersede(self, ref: UploadRef) -> Deferred[None]:
+        """A new request for an upload whose earlier PATCH still streams here
+        (its client most likely gone): that PATCH stops, keeping and recording
+        its bytes; fires once it has (or after SUPERSEDE_WAIT seconds)."""
+        previous = self.active.get((str(ref.vfolder), ref.session))
+        if previous is None:
+            return succeed(None)
+        previous.sink.stop()
+        return previous.when_done(self.reactor, SUPERSEDE_WAIT)
+
     async def head(self, request: Any, ref: UploadRef) -> bytes:
+        await self.supersede(ref)
         state = self.check_owner(ref, await self.pool.run(upload_status, ref.vfolder, ref.session))
         request.setHeader(b"Cache-Control", b"no-store")
         self.state_headers(request, ref, state)
@@ -597,8 +612,33 @@ class PatchInProgress:
         )
         self.finished: Deferred[None] = self.sink.done.addBoth(self._body_done)
         tus.patches_in_flight += 1
+        self.done = False
+        self.done_waiters: list[Deferred[None]] = []
+        self.key = (str(ref.vfolder), ref.session)
+        earlier = tus.supersede(ref)  # the older PATCH ends; never two writers
+        tus.active[self.key] = self
         self.finished.addBoth(self._count_done)
-        tus.pool.run(self._open).addCallback(self._opened).chainDeferred(ready)
+        earlier.addCallback(lambda _: tus.pool.run(self._open)).addCallback(self._opened).chainDeferred(ready)
+
+    def when_done(self, reactor: Any, timeout: float) -> Deferred[None]:
+        """Fires once this PATCH's outcome is recorded, or after ``timeout``."""
+        d: Deferred[None] = Deferred()
+        if self.done:
+            d.callback(None)
+            return d
+        self.done_waiters.append(d)
+        def expire() -> None:
+            if not d.called:
+                d.callback(None)
+
+        timer = reactor.callLater(timeout, expire)
+
+        def cancel_timer(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return d.addBoth(cancel_timer)
 
     def _open(self) -> PatchTarget:
         ref = self.ref
@@ -620,6 +660,13 @@ class PatchInProgress:
 
     def _count_done(self, result: Any) -> Any:
         self.tus.patches_in_flight -= 1
+        self.done = True
+        if self.tus.active.get(self.key) is self:
+            del self.tus.active[self.key]
+        waiters, self.done_waiters = self.done_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
         return result
 
     def _direct(self, sock: Any, count: int) -> Deferred[Any] | None:

@@ -276,17 +276,30 @@ def test_a_directory_where_the_file_goes_is_refused_and_the_bytes_kept(h):
     assert (h.vfolder / "d" / "f.txt").is_dir()
     assert h.head(token).header("Upload-Offset") == "3"
 
-def test_a_second_patch_while_one_is_in_flight_is_refused(h):
+def test_a_resume_while_the_old_patch_streams_stops_it_and_sees_its_bytes(h):
+    """issue 9: the older PATCH ends, its bytes are recorded; the resuming
+    client gets the true offset at once, never a 409, and bytes never interleave."""
     token, session = h.new_upload(10)
     first = Connection(h)
     first.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), 6)
     first.send(b"abc")
-    r = h.patch(token, 0, b"XYZ")
-    assert r.status in (409, 423)
-    first.send(b"def")
-    [r1] = first.responses()
-    assert r1.status == 204
-    assert staged(h, session) == b"abcdef"
+    r = h.head(token)
+    assert r.status == 200 and r.header("Upload-Offset") == "3"
+    assert read_state(h.vfolder, session).offset == 3
+    assert h.tus.active == {}
+    r = h.patch(token, 3, b"defghij")
+    assert r.status == 204, r
+    assert h.target().read_bytes() == b"abcdefghij"
+
+
+def test_a_resuming_patch_stops_the_old_one_without_a_head(h):
+    token, session = h.new_upload(10)
+    first = Connection(h)
+    first.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), 10)
+    first.send(b"abcd")
+    r = h.patch(token, 4, b"efghij")
+    assert r.status == 204, r
+    assert h.target().read_bytes() == b"abcdefghij"
 
 
 def test_bytes_before_a_disconnect_are_kept_and_reported(h):
