@@ -102,6 +102,9 @@ class Config:
     artifacts: Any = None  # storage.artifact_config.ArtifactConfig (the /v1 API)
     source: Path | None = None  # the file this came from; None for the embedded default
     generated_secrets: bool = False
+    # [api.client] cors-allowed-origins / cors-allow-credentials (storage.web.cors)
+    cors_allowed_origins: tuple[str, ...] = ("*",)
+    cors_allow_credentials: bool = True
 
 
 # -- value parsers -----------------------------------------------------------
@@ -306,7 +309,22 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         log_level=level,
         artifacts=parse_artifact_config(root),
         source=source,
+        cors_allowed_origins=_origins(root),
+        cors_allow_credentials=_bool(
+            root.get("api", {}).get("client", {}), "cors-allow-credentials",
+            "[api.client] cors-allow-credentials", True,
+        ),
     )
+
+
+def _origins(root: dict[str, Any]) -> tuple[str, ...]:
+    key = "[api.client] cors-allowed-origins"
+    raw = root.get("api", {}).get("client", {}).get("cors-allowed-origins", ["*"])
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(isinstance(o, str) and o for o in raw):
+        raise ConfigError(key, 'expected a list of origins such as ["https://webui.example.com"] or ["*"]')
+    return tuple(o.rstrip("/") for o in raw)
 
 
 def load_config(path: Path) -> Config:

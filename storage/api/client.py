@@ -14,6 +14,7 @@ from storage import API_VERSION
 from storage.api.downloads import Downloads
 from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
 from storage.api.tus import TusUploads
+from storage.web.cors import CORSPolicy, CORSResource
 from storage.web.site import StorageSite
 
 TUS_METHODS = ["OPTIONS", "HEAD", "PATCH", "POST", "DELETE", "GET"]
@@ -35,7 +36,10 @@ class ClientAPI:
         return list(self.tus.services())
 
     def site(self) -> StorageSite:
-        return self.tus.make_site(Utf8PathGuard(self.app.resource()))
+        policy = CORSPolicy(self.config.cors_allowed_origins, self.config.cors_allow_credentials)
+        site = self.tus.make_site(CORSResource(Utf8PathGuard(self.app.resource()), policy))
+        site.cors = policy
+        return site
 
     @app.route("/", methods=["GET"])
     def status(self, request: Any) -> bytes:

@@ -27,6 +27,7 @@ UPLOAD_READ_SIZE = 1 << 20
 class StorageSite(Site):
     requestFactory = StreamingRequest
     displayTracebacks = False
+    cors: Any = None  # a storage.web.cors.CORSPolicy applied to every answer, or None
 
     def __init__(
         self,

@@ -254,7 +254,11 @@ class StreamingRequest(Request):
         self.requestHeaders.removeHeader(b"Expect")
         channel = self.channel
         transport = channel.transport
-        transport.write(problem_response(self.early_error, self.early_headers))
+        headers = self.early_headers
+        policy = getattr(getattr(channel, "site", None), "cors", None)
+        if policy is not None:
+            headers = policy.early_headers(self, headers)
+        transport.write(problem_response(self.early_error, headers))
         channel.persistent = False
         resume_reading(channel)
         if hasattr(transport, "loseWriteConnection"):
@@ -264,6 +268,14 @@ class StreamingRequest(Request):
         reactor = getattr(channel, "callLater", None)
         if reactor is not None and hasattr(transport, "abortConnection"):
             self._abort_call = channel.callLater(ABORT_AFTER, transport.abortConnection)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.channel is not None:
+            # The headers go out with this first write: CORS for every answer (storage.web.cors).
+            policy = getattr(getattr(self.channel, "site", None), "cors", None)
+            if policy is not None:
+                policy.apply(self)
+        super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
         self.received_bytes += len(data)
