@@ -820,7 +820,38 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
                    extra=dict(state.extra, target=str(target)))
     write_state(vfolder, done)
     writer.state = done
+    remove_dead_temps(vfolder, state.session)
     return done
+
+
+def remove_dead_temps(vfolder: Path, session: str) -> None:
+    """Remove state temp files a killed daemon of this host left for ``session``.
+
+    A temp name carries its writer's pid; one whose process is gone will never
+    be renamed into place.  Temps of live processes (this one included) stay.
+    """
+    prefix = state_path(vfolder, session).name + "."
+    try:
+        names = os.listdir(state_path(vfolder, session).parent)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(prefix):].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.unlink(state_path(vfolder, session).parent / name)
+        except OSError:
+            pass
 
 
 def remove_upload(vfolder: Path, session: str, *, force: bool = False) -> bool:

@@ -85,3 +85,23 @@ def test_bytes_of_an_unverified_checksummed_patch_are_not_adopted(tmp_path):
     assert h.head(token).header("Upload-Offset") == "2"
     assert staging_path(h.vfolder, session).read_bytes() == b"ab"
     assert "unverified_from" not in read_state(h.vfolder, session).extra
+
+
+def test_state_temps_of_a_dead_daemon_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+
+    from storage.uploads import remove_dead_temps, state_path
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    final = state_path(tmp_path, "s1")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stale = final.with_name(f"{final.name}.{dead.pid}.abcd1234.7.tmp")
+    live = final.with_name(f"{final.name}.{os.getpid()}.abcd1234.8.tmp")
+    other = state_path(tmp_path, "s2").with_name(f"{final.name[:-8]}x.state.{dead.pid}.ab.1.tmp")
+    for p in (stale, live, other):
+        p.write_bytes(b"{}")
+    remove_dead_temps(tmp_path, "s1")
+    assert not stale.exists()
+    assert live.exists() and other.exists()
