@@ -824,6 +824,27 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
     return done
 
 
+def complete_if_empty(vfolder: Path, session: str, dst_dir: str | None, keep_until: float) -> UploadState | None:
+    """An upload of length 0 is complete as soon as it exists: put the empty
+    file at its target now (blocking).  Returns the completed state, or None
+    when the upload is not an empty normal one still to be completed."""
+    state = read_state(vfolder, session)
+    if state is None or state.completed or state.length != 0 or state.kind != NORMAL:
+        return state if state is not None and state.completed else None
+    try:
+        writer = open_writer(vfolder, session, None)
+    except (UploadBusy, UploadCompleted):
+        # Another request is completing it right now.
+        state = read_state(vfolder, session)
+        return state if state is not None and state.completed else None
+    try:
+        if writer.offset != 0 or writer.state.length != 0:
+            return None
+        return complete_upload(writer, dst_dir, keep_until)
+    finally:
+        writer.close()
+
+
 def remove_dead_temps(vfolder: Path, session: str) -> None:
     """Remove state temp files a killed daemon of this host left for ``session``.
 

@@ -41,7 +41,8 @@ def staged(h: TusHarness, session: str) -> bytes:
 
 
 def test_options_advertises_version_size_extensions_and_cors(h):
-    r = h.request("OPTIONS", "/upload")
+    preflight = {"Origin": "http://webui.example", "Access-Control-Request-Method": "PATCH"}
+    r = h.request("OPTIONS", "/upload", preflight)
     assert r.status in (200, 204)
     assert r.header("Tus-Resumable") == "1.0.0"
     assert r.header("Tus-Version") == "1.0.0"
@@ -50,7 +51,7 @@ def test_options_advertises_version_size_extensions_and_cors(h):
         "creation", "termination", "checksum", "expiration", "concatenation"
     }
     assert set(r.header("Tus-Checksum-Algorithm").split(",")) == {"md5", "sha1", "sha256"}
-    assert r.header("Access-Control-Allow-Origin") == "*"
+    assert r.header("Access-Control-Allow-Origin") == "http://webui.example"
     assert "PATCH" in r.header("Access-Control-Allow-Methods")
     assert "Upload-Offset" in r.header("Access-Control-Expose-Headers")
     assert "Upload-Offset" in r.header("Access-Control-Allow-Headers")
@@ -528,3 +529,55 @@ def test_patches_in_flight_are_counted_down_whatever_the_outcome(h):
     assert h.tus.patches_in_flight == 1
     conn.drop()
     assert h.tus.patches_in_flight == 0
+
+
+# -- an empty file is a file ----------------------------------------------------------------
+
+
+def leftovers(h: TusHarness) -> list[str]:
+    """Staging files (not state) left in the vfolder's .upload dir."""
+    sdir = h.vfolder / ".upload"
+    if not sdir.exists():
+        return []
+    return sorted(p.name for p in sdir.iterdir() if not p.name.endswith(".state"))
+
+
+def test_an_empty_upload_is_complete_at_its_first_head(h):
+    token, session = h.new_upload(0)
+    assert not h.target().exists()
+    r = h.head(token)
+    assert r.status == 200
+    assert (r.header("Upload-Offset"), r.header("Upload-Length")) == ("0", "0")
+    assert h.target().read_bytes() == b""
+    assert leftovers(h) == []
+    assert h.tus.volumes.get("local").invalidated == [h.vfid]
+    again = h.head(token)
+    assert (again.status, again.header("Upload-Offset")) == (200, "0")
+    assert h.patch(token, 0, b"").status in (404, 409)
+    assert h.target().read_bytes() == b""
+
+
+def test_an_empty_upload_is_complete_at_creation(h):
+    token, _ = h.new_upload(0, create=False)
+    r = h.request("POST", f"/upload?token={token}", dict(TUS, **{"Upload-Length": "0"}), b"")
+    assert r.status == 201
+    assert h.target().read_bytes() == b""
+    assert leftovers(h) == []
+    assert h.head(token).header("Upload-Offset") == "0"
+
+
+def test_an_empty_upload_prepared_then_created_goes_under_dst_dir(h):
+    token, _ = h.new_upload(0)
+    r = h.request("POST", f"/upload?token={token}&dst_dir=sub", dict(TUS, **{"Upload-Length": "0"}), b"")
+    assert r.status == 201
+    assert h.target("sub/data/file.bin").read_bytes() == b""
+    assert not h.target().exists()
+    assert leftovers(h) == []
+
+
+def test_an_empty_upload_replaces_an_existing_file(h):
+    h.target().parent.mkdir(parents=True)
+    h.target().write_bytes(b"old contents")
+    token, _ = h.new_upload(0)
+    assert h.head(token).status == 200
+    assert h.target().read_bytes() == b""
