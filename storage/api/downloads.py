@@ -123,18 +123,6 @@ def _set_headers(request: Any, headers: dict[str, str]) -> None:
         request.setHeader(name.encode("ascii"), value.encode("latin-1", "replace"))
 
 
-def _cors(request: Any, headers: dict[str, str]) -> None:
-    # Upstream's client app allows any origin, with credentials, exposing all headers.
-    origin = request.getHeader(b"origin")
-    if origin:
-        headers["Access-Control-Allow-Origin"] = origin.decode("latin-1")
-        headers["Access-Control-Allow-Credentials"] = "true"
-        headers["Access-Control-Expose-Headers"] = (
-            "Content-Disposition, Content-Length, Content-Range, Accept-Ranges, ETag, Last-Modified"
-        )
-        headers["Vary"] = "Origin"
-
-
 # -- opening files inside a vfolder ----------------------------------------------
 
 
@@ -261,7 +249,6 @@ class Downloads:
         }
         if no_cache:
             headers["Cache-Control"] = "no-store"
-        _cors(request, headers)
         request.setResponseCode(plan.status)
         if plan.status == 304:
             os.close(opened.fd)
@@ -297,7 +284,6 @@ class Downloads:
             headers["Content-Length"] = str(length)
         if no_cache:
             headers["Cache-Control"] = "no-store"
-        _cors(request, headers)
         _set_headers(request, headers)
         if request.method == b"HEAD":
             return b""

@@ -22,6 +22,7 @@ from storage.api.tus import TusUploads
 from storage.tokens import issue_upload_token
 from storage.uploads import create_upload, new_session_id
 from storage.vfid import VFolderID
+from storage.web.cors import CORSPolicy, CORSResource
 
 SECRET = "tus-test-secret-0123456789abcdef0123456789"
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -191,7 +192,10 @@ class TusHarness:
         self.config = make_config(**config)
         self.clock = Clock()
         self.tus = TusUploads(self.config, FakeVolumes(self.volume), self.pool, self.clock)
-        self.site = self.tus.make_site(make_app(self.tus).resource())
+        # CORS as storage.api.client wires it: once, for every route.
+        policy = CORSPolicy()
+        self.site = self.tus.make_site(CORSResource(make_app(self.tus).resource(), policy))
+        self.site.cors = policy
         self.vfid = VFolderID.parse(f"user:{uuid.uuid4()}/{uuid.uuid4().hex}")
         self.vfolder = self.volume.vfolder_path(self.vfid)
         self.vfolder.mkdir(parents=True)
