@@ -7,6 +7,12 @@ An upload is two files in ``<vfolder>/.upload/``:
   relpath, expiry, kind, ...), always replaced atomically (write, fsync,
   rename).
 
+Once complete, nothing of the upload stays in the vfolder: the file at its
+target carries an extended attribute naming the upload (``COMPLETED_XATTR``),
+which is what a HEAD after completion reads; the state file goes and
+``.upload/`` is removed once empty.  Only where the filesystem has no user
+xattrs does the completed state stay in ``.upload/`` until the token expires.
+
 No process memory and no Redis: a restarted daemon, or a second daemon over
 the same shared directory, reads the same state.  A writer holds an
 exclusive ``flock`` on the staging file for as long as it writes, so two
@@ -794,34 +800,115 @@ def _not_a_directory(target: Path, rel: PurePath) -> Path:
     return target
 
 
+COMPLETED_XATTR = "user.storage-proxy.upload"
+
+
+def _completion_mark(state: UploadState) -> bytes:
+    mark: dict[str, Any] = {"session": state.session}
+    if state.kind != NORMAL:
+        mark["kind"] = state.kind
+        mark["parts"] = list(state.parts)
+    return json.dumps(mark, sort_keys=True).encode()
+
+
+def _set_mark(target: Path | int, mark: bytes) -> bool:
+    """Mark a file as an upload's result; False where the filesystem has no user xattrs."""
+    try:
+        if isinstance(target, int):
+            os.setxattr(target, COMPLETED_XATTR, mark)
+        else:
+            os.setxattr(target, COMPLETED_XATTR, mark, follow_symlinks=False)
+        return True
+    except OSError:
+        return False  # ENOTSUP, EPERM, E2BIG, ENOSPC: keep the state file instead
+
+
+def _has_mark(target: Path, mark: bytes) -> bool:
+    try:
+        return os.getxattr(target, COMPLETED_XATTR, follow_symlinks=False) == mark
+    except OSError:
+        return False
+
+
 def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float) -> UploadState:
     """Move the full staging file to its target (blocking, under the writer's lock).
 
-    The state stays behind marked completed until ``keep_until``, so a client
-    that lost the last response can still HEAD the upload.
+    A client that lost the last response can still HEAD the upload: the
+    target is marked with ``COMPLETED_XATTR`` (set on the staging file before
+    the rename, so the file arrives marked) and the upload's state file and
+    staging dir go.  Without user xattrs the state stays behind marked
+    completed until ``keep_until``.
     """
     vfolder = writer.vfolder
     state = writer.state
     if writer.offset != state.length:
         raise AssertionError("only a complete upload moves to its target")
+    mark = _completion_mark(state)
+    marked = _set_mark(writer.fd, mark)
     try:
         target = _target_path(vfolder, state.relpath, dst_dir)
         # A plain rename, or across a filesystem or CephFS quota boundary
         # (EXDEV) a copy swapped in atomically.
         crossmove.move_path(staging_path(vfolder, state.session), target)
+        if marked and not _has_mark(target, mark):
+            marked = _set_mark(target, mark)  # a copy that did not carry the xattr
         _fsync_dir(target.parent)
     except OSError as exc:
         if _disk_full(exc):
             raise InsufficientStorage(f"cannot place the uploaded file: {exc.strerror}") from None
         raise
-    # The bytes are durable (the caller synced them): this one write records
-    # the final offset and the completion together.
     done = replace(state, offset=writer.offset, completed=True, expires=keep_until,
                    extra=dict(state.extra, target=str(target)))
-    write_state(vfolder, done)
     writer.state = done
+    if marked:
+        # The file is in place and says which upload it is: the bookkeeping goes.
+        try:
+            state_path(vfolder, state.session).unlink()
+        except FileNotFoundError:
+            pass
+    else:
+        # The bytes are durable (the caller synced them): this one write
+        # records the final offset and the completion together.
+        write_state(vfolder, done)
     remove_dead_temps(vfolder, state.session)
+    if marked:
+        remove_staging_dir_if_empty(vfolder)
     return done
+
+
+def completed_at_target(
+    vfolder: Path, session: str, relpath: str, length: int, dst_dir: str | None, expires: float,
+    extra: dict[str, Any] | None = None,
+) -> UploadState | None:
+    """The completed state of an upload whose file is marked at its target, or None (blocking).
+
+    Looks only: no directory is created, and a path that leads outside the
+    vfolder through a symlink is not read.
+    """
+    try:
+        rel = validate_relpath(relpath)
+        if dst_dir:
+            rel = validate_relpath(dst_dir, "dst_dir") / rel
+    except StorageError:
+        return None
+    if str(rel) == ".":
+        return None
+    target = vfolder / rel
+    try:
+        real_root = os.path.realpath(vfolder)
+        if not is_inside(real_root, os.path.realpath(target.parent)):
+            return None
+        raw = os.getxattr(target, COMPLETED_XATTR, follow_symlinks=False)
+        mark = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(mark, dict) or mark.get("session") != session:
+        return None
+    return UploadState(
+        session=session, relpath=relpath, length=length, offset=length, expires=expires,
+        kind=str(mark.get("kind", NORMAL)), parts=tuple(str(p) for p in mark.get("parts", ())),
+        completed=True, extra=dict(extra or {}, target=str(target)),
+    )
 
 
 def complete_if_empty(vfolder: Path, session: str, dst_dir: str | None, keep_until: float) -> UploadState | None:

@@ -56,6 +56,7 @@ from storage.uploads import (
     UploadWriter,
     complete_if_empty,
     complete_upload,
+    completed_at_target,
     concatenate_parts,
     create_upload,
     is_session_id,
@@ -364,7 +365,15 @@ class TusUploads:
 
     async def head(self, request: Any, ref: UploadRef) -> bytes:
         await self.supersede(ref)
-        state = self.check_owner(ref, await self.pool.run(upload_status, ref.vfolder, ref.session))
+        try:
+            state = await self.pool.run(upload_status, ref.vfolder, ref.session)
+        except UploadNotFound:
+            # Completed: its file, at the target, names the upload.
+            done = await self.pool.run(self.completed_state, ref)
+            if done is None:
+                raise
+            state = done
+        state = self.check_owner(ref, state)
         if not state.completed and state.length == 0 and not ref.partial:
             # tus-js-client given the token URL as uploadUrl only HEADs an
             # empty upload (offset 0 = length 0 is success): complete it here.
@@ -421,6 +430,16 @@ class TusUploads:
         request.setResponseCode(201)
         return b""
 
+    def completed_state(self, ref: UploadRef) -> UploadState | None:
+        """The token's upload, if it completed and left no state (blocking)."""
+        if ref.partial:
+            return None
+        token = ref.token
+        return completed_at_target(
+            ref.vfolder, ref.session, token.relpath, token.size, ref.dst_dir, token.exp,
+            extra={"vfid": str(token.vfid), "volume": token.volume},
+        )
+
     async def complete_empty(self, ref: UploadRef) -> UploadState | None:
         state = await self.pool.run(complete_if_empty, ref.vfolder, ref.session, ref.dst_dir, ref.token.exp)
         if state is not None and state.completed:
@@ -435,6 +454,8 @@ class TusUploads:
             if state.completed:
                 raise UploadCompleted()
             return state
+        if self.completed_state(ref) is not None:
+            raise UploadCompleted()
         return create_upload(
             ref.vfolder, ref.session, ref.token.relpath, length,
             expire=self.expire_seconds(),
@@ -641,7 +662,12 @@ class PatchInProgress:
 
     def _open(self) -> PatchTarget:
         ref = self.ref
-        writer = open_writer(ref.vfolder, ref.session, self.offset)
+        try:
+            writer = open_writer(ref.vfolder, ref.session, self.offset)
+        except UploadNotFound:
+            if self.tus.completed_state(ref) is not None:
+                raise UploadCompleted() from None
+            raise
         try:
             state = writer.state
             if ref.partial:

@@ -58,7 +58,24 @@ def test_orphans_and_stale_temp_files_go_after_the_grace_period(tmp_path):
     assert not (h.vfolder / ".upload").exists()
 
 
-def test_completed_uploads_keep_their_state_until_the_token_expires(tmp_path):
+def test_a_completed_upload_leaves_the_janitor_nothing_and_head_still_answers(tmp_path):
+    h = TusHarness(tmp_path)
+    token, session = h.new_upload(3, expire=100)
+    assert h.patch(token, 0, b"abc").status == 204
+    assert not (h.vfolder / ".upload").exists()
+    assert sweep_volume(tmp_path, time.time() + 200) == 0
+    assert h.head(token).header("Upload-Offset") == "3"
+    assert h.target().read_bytes() == b"abc"
+
+
+def test_without_user_xattrs_completed_uploads_keep_their_state_until_the_token_expires(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_xattrs(*args, **kwargs):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", no_xattrs)
     h = TusHarness(tmp_path)
     token, session = h.new_upload(3, expire=100)
     assert h.patch(token, 0, b"abc").status == 204
