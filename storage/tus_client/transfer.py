@@ -22,6 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred
 
 from storage.tus_client.errors import (
     ChecksumMismatch,
+    OffsetConflict,
     ProtocolViolation,
     TusError,
     UploadLengthMismatch,
@@ -162,6 +163,12 @@ class _PartRun:
                 new = await self._patch(start, end)
             except TusError as err:
                 tracker.confirm(self.part, self.confirmed)  # in-flight bytes are not on the server
+                if empty_patch and self.length == 0 and isinstance(err, OffsetConflict):
+                    # A server that completes an empty upload by itself (at
+                    # creation or its first HEAD) refuses the finishing PATCH
+                    # as complete: done when a HEAD agrees.
+                    if self._accept_offset(await self._head(), first=False) == self.length:
+                        break
                 await self._backoff_or_raise(err)
                 self.confirmed = self._accept_offset(await self._head(), first=False)
                 tracker.confirm(self.part, self.confirmed)
