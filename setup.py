@@ -67,6 +67,11 @@ setup(
         # S3 for the /v1 object storages (storage/artifacts/s3.py says why botocore).
         "botocore>=1.34",
         "pyxattr>=0.8; sys_platform == 'linux'",
+        # The manager's event bus (storage/events): txredisapi is a Redis client
+        # on the Twisted reactor (reconnects with backoff, TLS, Sentinel); msgpack
+        # encodes the argument tuples of the 26.4/26.8 event format.
+        "txredisapi>=1.4.7",
+        "msgpack>=1.0",
     ],
     extras_require={
         # tuspy, aiotusclient and requests are third-party clients the interop

@@ -105,6 +105,11 @@ class Config:
     # [api.client] cors-allowed-origins / cors-allow-credentials (storage.web.cors)
     cors_allowed_origins: tuple[str, ...] = ("*",)
     cors_allow_credentials: bool = True
+    # [redis] (storage.events.settings.RedisSettings): the manager's event bus; None: no events
+    redis: Any = None
+    # [storage-proxy] state-dir: the daemon's own durable state (the event outbox);
+    # None: <first volume>/.storage-proxy/state/<node-id> (storage.events.outbox)
+    state_dir: Path | None = None
 
 
 # -- value parsers -----------------------------------------------------------
@@ -285,6 +290,9 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         raise ConfigError("[logging] level", f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}")
     max_body = parse_size(sp.get("max-manager-body-size", "1m"), f"{k} max-manager-body-size")
     from storage.artifact_config import parse_artifact_config
+    from storage.events.settings import parse_redis
+
+    state_dir = _str(sp, "state-dir", f"{k} state-dir")
 
     return Config(
         node_id=_str(sp, "node-id", f"{k} node-id", "storage-proxy") or "storage-proxy",
@@ -308,6 +316,8 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         reactor_realtime=_bool(sp, "reactor-realtime", f"{k} reactor-realtime", True),
         log_level=level,
         artifacts=parse_artifact_config(root),
+        redis=parse_redis(root),
+        state_dir=Path(state_dir) if state_dir else None,
         source=source,
         cors_allowed_origins=_origins(root),
         cors_allow_credentials=_bool(

@@ -154,6 +154,15 @@ class StorageProxy(SequentialMultiService):
         self.realtime_reactor = False
         self.pool = BlockingPool(reactor, config.io_threads)
         self.pool.setServiceParent(self)
+        # The event bus stops after the API services (whose cancelled tasks
+        # still publish) and before the pool (the outbox writes through it).
+        from storage.events import make_event_bus
+
+        bus = make_event_bus(config, self.pool, reactor)
+        self.events: Any = bus[0] if bus is not None else None  # storage.events.delivery.Delivery
+        self.event_publisher: Any = bus[1] if bus is not None else None
+        if self.events is not None:
+            self.events.setServiceParent(self)
         run_as_uid = _uid_gid(config)[0] if os.getuid() == 0 else None
         context = VolumeContext(
             pool=self.pool, scandir_limit=config.scandir_limit, reactor=reactor, run_as_uid=run_as_uid
@@ -161,6 +170,8 @@ class StorageProxy(SequentialMultiService):
         self.volumes = VolumeRegistry.from_config(config.volumes, context)
         self.volumes.setServiceParent(self)
         self.bgtasks = BackgroundTaskRegistry()
+        if self.event_publisher is not None:
+            self.bgtasks.add_listener(self.event_publisher)
         self.manager_api = ManagerAPI(config, self.volumes, self.bgtasks, self.pool, reactor)
         self.client_api = ClientAPI(config, self.volumes, self.pool, reactor)
         for api in (self.manager_api, self.client_api):
@@ -193,6 +204,9 @@ class StorageProxy(SequentialMultiService):
     def startService(self) -> None:
         # Logging has begun by now (twistd starts it before the services).
         apply_log_level(self.config.log_level)
+        if self.events is None:
+            log.warn("no [redis] table: no events are published on a manager's Redis, so a manager "
+                     "will not see background tasks (vfolder delete, clone) finish")
         super().startService()
         self.ready = defer.Deferred.fromCoroutine(self._prepare_volumes())
 

@@ -69,3 +69,71 @@ def test_finished_tasks_are_pruned():
     registry.start("x", ok)
     assert registry.get(ids[0]) is None
     assert registry.get(ids[-1]) is not None
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def task_started(self, t):
+        self.calls.append(("started", t.status, t.progress.current))
+
+    def task_progress(self, t):
+        self.calls.append(("progress", t.status, t.progress.current))
+
+    def task_finished(self, t):
+        self.calls.append(("finished", t.status, type(t.exception).__name__ if t.exception else None))
+
+
+class Broken:
+    def __getattr__(self, name):
+        def fail(t):
+            raise RuntimeError(name)
+        return fail
+
+
+@pytest_twisted.ensureDeferred
+async def test_listeners_see_start_progress_and_one_end():
+    registry = BackgroundTaskRegistry()
+    rec = Recorder()
+    registry.add_listener(Broken())  # a failing listener does not stop the others
+    registry.add_listener(rec)
+    gate = defer.Deferred()
+
+    async def work(progress):
+        progress.advance()
+        await gate
+        raise OSError(5, "I/O error")
+
+    t = registry.start("delete-vfolder", work, vfid="v")
+    assert t.context == {"vfid": "v"}
+    gate.callback(None)
+    await t.deferred
+    assert rec.calls == [("started", "running", 0), ("progress", "running", 1), ("finished", "failed", "OSError")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_progress_from_a_pool_thread_reaches_listeners_on_the_reactor():
+    from twisted.internet import reactor, threads
+    from twisted.python import threadable
+
+    registry = BackgroundTaskRegistry()
+    seen = []
+
+    class OnReactor(Recorder):
+        def task_progress(self, t):
+            seen.append(threadable.isInIOThread())
+
+    registry.add_listener(OnReactor())
+
+    async def work(progress):
+        def many():
+            for _ in range(1000):
+                progress.advance()
+        await threads.deferToThread(many)
+        await task.deferLater(reactor, 0.05, lambda: None)
+
+    t = registry.start("delete-files", work)
+    await t.deferred
+    assert seen and all(seen)
+    assert len(seen) < 10  # hops are rate-limited, not one per entry

@@ -1,0 +1,214 @@
+"""The durable outbox: events that must reach the manager, kept on disk until Redis took them.
+
+One append-only file of JSON lines, ``<state-dir>/events.outbox``:
+
+* ``{"seq": N, "event": {...}}`` -- written and fsync'ed *before* the event is
+  sent, so neither Redis being down nor the daemon being killed loses it;
+* ``{"ack": N}`` -- written once Redis accepted event N (not fsync'ed: a lost
+  ack only means the event is sent again; delivery is at least once and the
+  manager's handlers are idempotent).
+
+At start the file is read (a torn last line from a kill mid-write is
+skipped), the events without an ack are handed back in order, and the file
+is rewritten with only those.  Once nothing is pending and the file has
+grown past ``compact_size`` it is truncated.  Every file operation runs in
+the blocking pool, one at a time and in order (a ``DeferredLock``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import DeferredLock
+from twisted.logger import Logger
+
+from storage.events.encoding import Event
+
+log = Logger()
+
+FILE_NAME = "events.outbox"
+
+
+def default_state_dir(config: Any) -> Path:
+    """``[storage-proxy] state-dir``, else ``<first volume>/.storage-proxy/state/<node-id>``.
+
+    The first volume's private directory (which the vfs layout already keeps
+    away from users) is durable and writable by the daemon after it dropped
+    privileges; the node id keeps two proxies over one shared volume apart.
+    """
+    if config.state_dir is not None:
+        return Path(config.state_dir)
+    first = next(iter(config.volumes.values()))
+    return Path(first.path) / ".storage-proxy" / "state" / config.node_id
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
+    """Blocking: the unacknowledged records in order, and the next sequence number."""
+    events: dict[int, dict[str, Any]] = {}
+    acked: set[int] = set()
+    top = 0
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], 1
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if "ack" in record:
+                acked.add(int(record["ack"]))
+            else:
+                seq = int(record["seq"])
+                events[seq] = record["event"]
+                top = max(top, seq)
+        except (ValueError, KeyError, TypeError):
+            log.warn("event outbox {path}: skipping a damaged line ({n} bytes)", path=str(path), n=len(line))
+    pending = [(seq, events[seq]) for seq in sorted(events) if seq not in acked]
+    return pending, top + 1
+
+
+def _rewrite(path: Path, pending: list[tuple[int, dict[str, Any]]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for seq, event in pending:
+            f.write(_line({"seq": seq, "event": event}))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int]:
+    """Blocking: read, keep only what is pending (rewritten), open for appending."""
+    records, next_seq = _read(path)
+    kept: list[tuple[int, dict[str, Any]]] = []
+    events: list[tuple[int, Event]] = []
+    for seq, raw in records:
+        try:
+            events.append((seq, Event.from_json(raw)))
+            kept.append((seq, raw))
+        except (ValueError, KeyError, TypeError):
+            log.warn("event outbox {path}: dropping an unreadable event {seq}", path=str(path), seq=seq)
+    if path.exists():
+        _rewrite(path, kept)
+    fd = _open_append(path)
+    size = sum(len(_line({"seq": s, "event": e})) for s, e in kept)
+    return events, next_seq, fd, size
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _open_append(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    _fsync_dir(path.parent)
+    return fd
+
+
+def _append(fd: int, data: bytes, sync: bool) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    if sync:
+        os.fsync(fd)
+
+
+def _truncate(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.fsync(fd)
+
+
+class Outbox:
+    def __init__(self, path: Path, pool: Any, compact_size: int = 1 << 20) -> None:
+        self.path = Path(path)
+        self.pool = pool
+        self.compact_size = compact_size
+        self._lock = DeferredLock()
+        self._fd: int | None = None
+        self._next = 1
+        self._pending: set[int] = set()
+        self._size = 0
+        self.last_error: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def load(self) -> list[tuple[int, Event]]:
+        """Open the file; the events a former run did not deliver, oldest first."""
+        await self._lock.acquire()
+        try:
+            records, self._next, self._fd, self._size = await self.pool.run(_load, self.path)
+        except OSError as exc:
+            self.last_error = f"{self.path}: {exc.strerror or exc}"
+            raise
+        finally:
+            self._lock.release()
+        out = [(seq, event) for seq, event in records]
+        self._pending = {seq for seq, _ in out}
+        self.last_error = None
+        return out
+
+    async def append(self, event: Event) -> int:
+        """Write ``event`` durably; its sequence number (ack it once Redis has it)."""
+        await self._lock.acquire()
+        try:
+            if self._fd is None:
+                raise OSError(f"event outbox {self.path} is not open")
+            seq = self._next
+            data = _line({"seq": seq, "event": event.to_json()})
+            try:
+                await self.pool.run(_append, self._fd, data, True)
+            except OSError as exc:
+                self.last_error = f"{self.path}: {exc.strerror or exc}"
+                raise
+            self.last_error = None
+            self._next += 1
+            self._size += len(data)
+            self._pending.add(seq)
+            return seq
+        finally:
+            self._lock.release()
+
+    async def ack(self, seq: int) -> None:
+        await self._lock.acquire()
+        try:
+            if seq not in self._pending or self._fd is None:
+                return
+            self._pending.discard(seq)
+            if not self._pending and self._size >= self.compact_size:
+                await self.pool.run(_truncate, self._fd)
+                self._size = 0
+                return
+            data = _line({"ack": seq})
+            await self.pool.run(_append, self._fd, data, False)
+            self._size += len(data)
+        except OSError as exc:
+            # A lost ack re-sends the event after a restart: at least once.
+            self.last_error = f"{self.path}: {exc.strerror or exc}"
+        finally:
+            self._lock.release()
+
+    async def close(self) -> None:
+        await self._lock.acquire()
+        try:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                await self.pool.run(os.close, fd)
+        finally:
+            self._lock.release()
