@@ -25,6 +25,7 @@ class XfsOptions:
     helper_command: list[str] = field(default_factory=lambda: [sys.executable, "-m", "backends.xfs.helper"])
     spawn_helper: bool = True
     helper_timeout: float = 30.0
+    helper_start_timeout: float = 120.0
     helper_allowed_uids: tuple[int, ...] = ()
     xfs_quota: str | None = None
     require_pquota: bool = True
@@ -88,6 +89,10 @@ def parse_options(volume_name: str, options: dict[str, Any]) -> XfsOptions:
         helper_command=helper_command,
         spawn_helper=spawn,
         helper_timeout=parse_duration(raw.get("helper-timeout", 30), f"{prefix} helper-timeout"),
+        # At start-up the helper is a fresh interpreter (two, supervised):
+        # on a cold or slow host that takes far longer than one call may wait.
+        helper_start_timeout=parse_duration(
+            raw.get("helper-start-timeout", 120), f"{prefix} helper-start-timeout"),
         helper_allowed_uids=tuple(_uid(u, f"{prefix} helper-allowed-uids") for u in uids),
         xfs_quota=_path(raw, "xfs-quota", prefix, None),
         require_pquota=require,

@@ -174,7 +174,7 @@ class XfsVolume(VfsVolume):
             problem = await self.pool.run(pquota_problem, os.path.realpath(self.mount_path))
             if problem:
                 raise ConfigError(f"[volume.{self.name}] path", problem)
-        await self.helper.ping()
+        await self.helper.ping(wait=self.options.helper_start_timeout)
 
     async def get_hwinfo(self) -> dict[str, Any]:
         """Healthy only while the quota helper answers (quota calls fail otherwise)."""

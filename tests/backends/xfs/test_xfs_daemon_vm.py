@@ -111,7 +111,7 @@ def _make_python_usable_by(uid: int) -> None:
     pytest.skip(f"{sys.executable} cannot be run by uid {uid}, so the daemon cannot drop to it")
 
 
-def _wait_until_ready(daemon: StorageProxyProcess, timeout: float = 120.0) -> None:
+def _wait_until_ready(daemon: StorageProxyProcess, timeout: float = 300.0) -> None:
     """The listeners accept only once every volume's start-up check passed."""
     deadline = time.monotonic() + timeout
     while "storage-proxy ready" not in daemon.log:

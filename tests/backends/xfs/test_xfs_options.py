@@ -20,6 +20,7 @@ def test_defaults():
     assert (o.projects_file, o.projid_file) == ("/etc/projects", "/etc/projid")
     assert o.helper_command == [sys.executable, "-m", "backends.xfs.helper"]
     assert o.spawn_helper and o.require_pquota and o.helper_timeout == 30.0
+    assert o.helper_start_timeout == 120.0
 
 
 def test_hyphens_or_underscores_and_user_names():
@@ -39,6 +40,7 @@ def test_hyphens_or_underscores_and_user_names():
         ({"require-pquota": 1}, "require-pquota"),
         ({"helper-allowed-uids": ["no-such-user-here"]}, "helper-allowed-uids"),
         ({"helper-timeout": "soon"}, "helper-timeout"),
+        ({"helper-start-timeout": "later"}, "helper-start-timeout"),
     ],
 )
 def test_bad_values_name_the_key(options, key):

@@ -78,10 +78,14 @@ def volume(vm_box):
     pool.startService()
     vol.privilegedStartService()
     vol.startService()
-    pytest_twisted.blockon(defer.ensureDeferred(vol.prepare()))
-    yield vol
-    pytest_twisted.blockon(vol.stopService())
-    pytest_twisted.blockon(pool.stopService())
+    try:
+        pytest_twisted.blockon(defer.ensureDeferred(vol.prepare()))
+        yield vol
+    finally:
+        # Also when prepare fails: the pool's threads would keep pytest
+        # (and so the guest) alive until the VM timeout.
+        pytest_twisted.blockon(vol.stopService())
+        pytest_twisted.blockon(pool.stopService())
 
 
 def new_qsid() -> QuotaScopeID:

@@ -186,6 +186,19 @@ async def test_an_unreachable_helper_is_a_bounded_execution_error(sandbox):
 
 
 @pytest_twisted.ensureDeferred
+async def test_start_up_waits_helper_start_timeout_for_the_helper(sandbox):
+    vol, pool = make_volume(sandbox, **{"spawn-helper": False, "helper-timeout": 0.2,
+                                        "helper-start-timeout": 1.5})
+    vol.startService()
+    try:
+        with pytest.raises(Exception, match=r"no XFS quota helper answered .* within 1\.5s"):
+            await vol.prepare()
+    finally:
+        await vol.stopService()
+        await pool.stopService()
+
+
+@pytest_twisted.ensureDeferred
 async def test_quota_full_names_the_quota_scope(volume, sandbox, monkeypatch):
     from backends import treeops
 

@@ -95,7 +95,7 @@ class Sandbox:
                 proc.stdout.close()
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
+def wait_for_socket(path: str, proc: subprocess.Popen | None = None, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
