@@ -36,6 +36,8 @@ import secrets
 import select
 import socket
 import stat
+import sys
+import termios
 import threading
 import time
 from collections.abc import Sequence
@@ -425,6 +427,19 @@ class _SocketWaiter:
         self._set_lowat(1)  # the reactor reads this socket again
 
 
+# A receive failing with these means the client went away, not that the daemon failed.
+CLIENT_GONE = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT})
+
+
+def _queued(sock: Any) -> int:
+    """Bytes waiting, unread, in a socket's receive queue (FIONREAD)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return max(0, int.from_bytes(raw, sys.byteorder, signed=True))
+
+
 @dataclass
 class Received:
     """What ``UploadWriter.receive`` did: bytes taken from the socket, bytes
@@ -521,22 +536,37 @@ class UploadWriter:
     def _receive_copied(self, sock: Any, count: int, hasher: Any, waiter: _SocketWaiter) -> Received:
         result = Received()
         buf = memoryview(bytearray(min(count, 1 << 20) or 1))
+        draining = -1  # once stopped: what the socket held then, still to take
         try:
-            while result.consumed < count:
+            while result.consumed < count and draining != 0:
+                want = min(len(buf), count - result.consumed)
+                if draining > 0:
+                    want = min(want, draining)
                 try:
-                    n = sock.recv_into(buf[: min(len(buf), count - result.consumed)])
+                    n = sock.recv_into(buf[:want])
                 except (BlockingIOError, InterruptedError):
+                    if draining >= 0:
+                        return result
                     result.stopped = waiter.wait(count - result.consumed)
-                    if result.stopped:
+                    if result.stopped == "stopped":
+                        draining = _queued(sock)
+                    elif result.stopped:
                         return result
                     continue
                 if n == 0:
                     result.eof = True
                     return result
                 result.consumed += n
+                if draining > 0:
+                    draining -= n
                 self.write([buf[:n]])
                 if hasher is not None:
                     hasher.update(buf[:n])
+        except OSError as exc:
+            if exc.errno in CLIENT_GONE:
+                result.eof = True  # the client reset the connection: what came stays
+            else:
+                result.error = exc
         except BaseException as exc:  # reported with the counts, raised on the reactor
             result.error = exc
         return result
@@ -555,14 +585,11 @@ class UploadWriter:
                 fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: fewer, larger splices
             except OSError:
                 pass
-            while result.consumed < count:
-                want = count - result.consumed
-                if self.checkpoints:  # come back to record progress every CHECKPOINT_STEP
-                    want = min(want, max(1, self.state.offset + CHECKPOINT_STEP - self.offset))
+            def splice(want: int, stop_fd: int, lowat: int, wait_ms: int) -> tuple[int, int]:
                 step = WRITEBACK_STEP if self.early_writeback else 0
                 try:
                     n, how, self.writeback_from = fastio.splice_receive(
-                        fd, self.fd, r, w, self.offset, want, stop_fd, lowat, WAIT_MS, self.writeback_from, step
+                        fd, self.fd, r, w, self.offset, want, stop_fd, lowat, wait_ms, self.writeback_from, step
                     )
                 except OSError as exc:
                     result.consumed += getattr(exc, "consumed", 0)
@@ -571,13 +598,26 @@ class UploadWriter:
                 result.consumed += n
                 self.offset += n
                 if n:
-                    waited = 0.0
                     self.after_write()
+                return n, how
+
+            while result.consumed < count:
+                want = count - result.consumed
+                if self.checkpoints:  # come back to record progress every CHECKPOINT_STEP
+                    want = min(want, max(1, self.state.offset + CHECKPOINT_STEP - self.offset))
+                n, how = splice(want, stop_fd, lowat, WAIT_MS)
+                if n:
+                    waited = 0.0
                 if how == fastio.RECEIVED_EOF:
                     result.eof = True
                     break
                 if how == fastio.RECEIVED_STOPPED:
                     result.stopped = "stopped"
+                    # What the socket already holds was received (the client
+                    # saw it acknowledged): it is kept too, and no more.
+                    left = min(_queued(sock), count - result.consumed)
+                    if left > 0 and splice(left, -1, 1, 0)[1] == fastio.RECEIVED_EOF:
+                        result.eof = True
                     break
                 if how == fastio.RECEIVED_WAITED:
                     lowat = 1
@@ -586,9 +626,12 @@ class UploadWriter:
                         result.stopped = "idle"
                         break
         except OSError as exc:
-            result.error = (
-                InsufficientStorage(f"the upload does not fit: {exc.strerror}") if _disk_full(exc) else exc
-            )
+            if exc.errno in CLIENT_GONE:
+                result.eof = True  # the client reset the connection: what came stays
+            else:
+                result.error = (
+                    InsufficientStorage(f"the upload does not fit: {exc.strerror}") if _disk_full(exc) else exc
+                )
         except BaseException as exc:
             result.error = exc
         finally:

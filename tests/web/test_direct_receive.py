@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,54 @@ def test_splice_receive_moves_the_body_and_says_why_it_stopped(tmp_path, pair, s
         stop.close()
         for x in (fd, r, w):
             os.close(x)
+
+
+@pytest.fixture
+def tcp_pair():
+    """A loopback TCP connection (SO_RCVLOWAT and resets are TCP's)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        daemon_side, _ = server.accept()
+    daemon_side.setblocking(False)
+    yield daemon_side, client
+    daemon_side.close()
+    client.close()
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
+def test_a_stopped_receive_keeps_what_the_socket_already_held(writer, tcp_pair, hashed):
+    """Stopped (a newer request for the upload) while bytes the client sent
+    wait in the socket, too few to wake the thread: they were received (the
+    client saw them acknowledged), so they are written before it returns."""
+    a, b = tcp_pair
+    stop = StopSignal()
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(
+        writer.receive(a, 2 << 20, hashlib.md5() if hashed else None, stop)))
+    t.start()
+    try:
+        time.sleep(0.2)  # the thread waits for 256 KiB (SO_RCVLOWAT)
+        b.sendall(b"y" * 100_000)
+        time.sleep(0.2)
+        stop.set()
+        t.join(5)
+    finally:
+        stop.close()
+    result = out[0]
+    assert result.stopped == "stopped"
+    assert (result.consumed, result.written, result.error) == (100_000, 100_000, None)
+    assert staging_path(writer.vfolder, writer.state.session).read_bytes() == b"y" * 100_000
+
+
+@pytest.mark.parametrize("hashed", [False, True], ids=["splice", "recv_into"])
+def test_a_reset_connection_is_the_client_leaving_not_an_error(writer, tcp_pair, hashed):
+    a, b = tcp_pair
+    b.sendall(b"z" * 50_000)
+    time.sleep(0.1)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    b.close()  # RST
+    time.sleep(0.1)
+    result = writer.receive(a, 1 << 20, hashlib.md5() if hashed else None)
+    assert result.error is None and result.eof
+    assert result.written == result.consumed == writer.offset
+    assert staging_path(writer.vfolder, writer.state.session).stat().st_size == writer.offset
