@@ -759,9 +759,11 @@ def recover_staged_bytes(vfolder: Path, fd: int, state: UploadState) -> UploadSt
     rest is dropped.  The offset never goes beyond the bytes in the file.
     """
     size = os.fstat(fd).st_size
-    if size == state.offset and UNVERIFIED not in state.extra:
-        return state
     boot = current_boot_id()
+    if size == state.offset and UNVERIFIED not in state.extra and (not boot or state.extra.get("boot_id") == boot):
+        return state
+    # (Settled but recorded on an earlier boot: recorded again below, so
+    # that what a writer stages from now on counts as this boot's.)
     if size > state.offset and boot and state.extra.get("boot_id") == boot and UNVERIFIED not in state.extra:
         offset = min(size, state.length)
     else:
@@ -954,12 +956,15 @@ def completed_at_target(
     )
 
 
-def complete_if_empty(vfolder: Path, session: str, dst_dir: str | None, keep_until: float) -> UploadState | None:
-    """An upload of length 0 is complete as soon as it exists: put the empty
-    file at its target now (blocking).  Returns the completed state, or None
-    when the upload is not an empty normal one still to be completed."""
+def complete_if_full(vfolder: Path, session: str, dst_dir: str | None, keep_until: float) -> UploadState | None:
+    """An upload whose staging file holds every byte is complete: put the
+    file at its target now (blocking).  That is an upload of length 0 as
+    soon as it exists, and one whose last bytes a killed daemon staged but
+    never moved (a HEAD reporting the full length ends a client's upload).
+    Returns the completed state, or None when the upload is not a normal
+    one with all its bytes, still to be completed."""
     state = read_state(vfolder, session)
-    if state is None or state.completed or state.length != 0 or state.kind != NORMAL:
+    if state is None or state.completed or state.kind != NORMAL:
         return state if state is not None and state.completed else None
     try:
         writer = open_writer(vfolder, session, None)
@@ -968,8 +973,9 @@ def complete_if_empty(vfolder: Path, session: str, dst_dir: str | None, keep_unt
         state = read_state(vfolder, session)
         return state if state is not None and state.completed else None
     try:
-        if writer.offset != 0 or writer.state.length != 0:
+        if writer.offset != writer.state.length:
             return None
+        fastio.fdatasync(writer.fd)
         return complete_upload(writer, dst_dir, keep_until)
     finally:
         writer.close()

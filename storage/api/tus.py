@@ -54,7 +54,7 @@ from storage.uploads import (
     UploadNotFound,
     UploadState,
     UploadWriter,
-    complete_if_empty,
+    complete_if_full,
     complete_upload,
     completed_at_target,
     concatenate_parts,
@@ -374,10 +374,16 @@ class TusUploads:
                 raise
             state = done
         state = self.check_owner(ref, state)
-        if not state.completed and state.length == 0 and not ref.partial:
-            # tus-js-client given the token URL as uploadUrl only HEADs an
-            # empty upload (offset 0 = length 0 is success): complete it here.
-            state = await self.complete_empty(ref) or state
+        if not state.completed and state.offset == state.length and state.kind == NORMAL and not ref.partial:
+            # A client stops at a HEAD whose offset is the length: tus-js-client
+            # given the token URL as uploadUrl only HEADs an empty upload, and
+            # a killed daemon may have staged every byte without moving the
+            # file.  Complete it here; a HEAD still answers when the file
+            # cannot be placed (the PATCH that staged the bytes said why).
+            try:
+                state = await self.complete_full(ref) or state
+            except StorageError as exc:
+                log.info("HEAD could not complete upload {session}: {error}", session=ref.session, error=exc)
         request.setHeader(b"Cache-Control", b"no-store")
         self.state_headers(request, ref, state)
         request.setResponseCode(200)
@@ -421,7 +427,7 @@ class TusUploads:
                 raise InvalidAPIParameters.field("Upload-Length", f"must be the token's size, {ref.token.size}")
             state = await self.pool.run(self._create_main, ref, length, metadata)
             if length == 0 and not state.completed:
-                state = await self.complete_empty(ref) or state  # an empty file is complete at creation
+                state = await self.complete_full(ref) or state  # an empty file is complete at creation
             location = ref.location()
         else:
             raise InvalidAPIParameters.field("Upload-Concat", "expected 'partial' or 'final;<urls>'")
@@ -440,8 +446,8 @@ class TusUploads:
             extra={"vfid": str(token.vfid), "volume": token.volume},
         )
 
-    async def complete_empty(self, ref: UploadRef) -> UploadState | None:
-        state = await self.pool.run(complete_if_empty, ref.vfolder, ref.session, ref.dst_dir, ref.token.exp)
+    async def complete_full(self, ref: UploadRef) -> UploadState | None:
+        state = await self.pool.run(complete_if_full, ref.vfolder, ref.session, ref.dst_dir, ref.token.exp)
         if state is not None and state.completed:
             with contextlib.suppress(StorageError):
                 self.volumes.get(ref.token.volume).invalidate_usage(ref.token.vfid)
