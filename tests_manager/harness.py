@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import aiohttp
 from ai.backend.manager.clients.storage_proxy.manager_facing_client import (
     StorageProxyManagerFacingClient,
 )
@@ -53,3 +55,18 @@ async def manager_for(daemon: StorageProxyProcess,
         # the manager-facing clients have their own sessions, which aclose() leaves open
         for client in sm._manager_facing_clients.values():
             await client._client._client_session.close()
+
+
+async def wait_bgtask(daemon: StorageProxyProcess, task_id: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """Our /bgtask poll (the manager learns it from events; this is for the test)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while True:
+            async with http.get(f"{daemon.manager_url}/bgtask/{task_id}",
+                                headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret}) as resp:
+                assert resp.status == 200, await resp.text()
+                state = await resp.json()
+            if state["status"] != "running":
+                return state
+            assert time.monotonic() < deadline, f"bgtask {task_id} still running: {state}"
+            await asyncio.sleep(0.05)

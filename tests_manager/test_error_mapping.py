@@ -34,7 +34,7 @@ from ai.backend.manager.errors.storage import (
     VFolderNotFound,
     VFolderOperationFailed,
 )
-from harness import manager_for, run
+from harness import manager_for, run, wait_bgtask
 from support.daemon import StorageProxyProcess
 
 Call = Callable[[StorageProxyManagerFacingClient, "Folders"], Awaitable[Any]]
@@ -132,18 +132,13 @@ CASES: dict[str, Case] = {
         lambda c, f: c.rename_file("local", v(f, M), "a", "b"), VFolderNotFound, VFolderBadRequest),
     "upload_file/missing-vfolder": Case(
         lambda c, f: c.upload_file("local", v(f, M), "a", "1"), VFolderNotFound, PassthroughError),
-    # clone: ours checks before the task starts; upstream answers 200 and its task fails
-    "clone_folder/missing-source": Case(
-        lambda c, f: c.clone_folder("local", v(f, M), "local", str(new_vfid())), VFolderNotFound, None),
-    "clone_folder/existing-destination": Case(
-        lambda c, f: c.clone_folder("local", v(f, E), "local", str(f.other)), VFolderOperationFailed, None),
-    "clone_folder/onto-itself": Case(
-        lambda c, f: c.clone_folder("local", v(f, E), "local", v(f, E)), VFolderBadRequest, None),
-    # fetch of a missing file: upstream answers an empty 200, which fetch_file_content
+    # fetch of a missing file: an empty 200, as upstream, which fetch_file_content
     # turns into UnexpectedStorageProxyResponseError("No content received ...")
     "fetch_file_content/missing-file": Case(
         lambda c, f: c.fetch_file_content("local", v(f, E), "nope.txt"),
-        VFolderNotFound, UnexpectedStorageProxyResponseError),
+        UnexpectedStorageProxyResponseError, UnexpectedStorageProxyResponseError),
+    # a directory: ours 400 (the manager's README fetch catches VFolderBadRequest), upstream's
+    # handle_fs_errors 400 is swallowed by its handler's `finally: return`, an empty 200
     "fetch_file_content/directory": Case(
         lambda c, f: c.fetch_file_content("local", v(f, E), "dir"),
         VFolderBadRequest, UnexpectedStorageProxyResponseError),
@@ -206,6 +201,40 @@ def test_wrong_secret(daemon: StorageProxyProcess) -> None:
         async with manager_for(daemon, secret="not-the-secret") as (_sm, client):
             with pytest.raises(VFolderOperationFailed):
                 await client.get_volumes()
+
+    run(go())
+
+
+def test_task_log_not_written_yet_is_empty(daemon: StorageProxyProcess, folders: Folders) -> None:
+    """The manager streams a task log with fetch_file_content_streaming: a missing one is empty."""
+
+    async def go() -> None:
+        async with manager_for(daemon) as (_sm, client):
+            chunks = [c async for c in client.fetch_file_content_streaming(
+                "local", str(folders.existing), "task/ab/cd/ef.log")]
+            assert chunks == []
+
+    run(go())
+
+
+@pytest.mark.parametrize("name", ["missing-source", "existing-destination", "onto-itself", "unknown-volume"])
+def test_clone_is_accepted_and_its_task_fails(name: str, daemon: StorageProxyProcess, folders: Folders) -> None:
+    """As upstream: 200 and a bgtask that fails (its vfolder_clone_failure event releases the
+    source the manager marked CLONING before the call; an error here would leave it stuck)."""
+    src, dst, dst_volume = {
+        "missing-source": (folders.missing, new_vfid(), "local"),
+        "existing-destination": (folders.existing, folders.other, "local"),
+        "onto-itself": (folders.existing, folders.existing, "local"),
+        "unknown-volume": (folders.existing, new_vfid(), "nowhere"),
+    }[name]
+
+    async def go() -> None:
+        async with manager_for(daemon) as (_sm, client):
+            response = await client.clone_folder("local", str(src), dst_volume, str(dst))
+            state = await wait_bgtask(daemon, response.bgtask_id)
+            assert state["status"] == "failed", state
+            if name == "existing-destination":
+                assert (await client.list_files("local", str(dst), "."))["items"] == []  # untouched
 
     run(go())
 

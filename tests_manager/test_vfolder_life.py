@@ -16,33 +16,17 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import jwt
 from ai.backend.common.dto.storage.request import FileDeleteAsyncRequest
 from ai.backend.common.types import QuotaScopeID, QuotaScopeType, VFolderID
-from harness import PROXY, manager_for, run
+from harness import PROXY, manager_for, run, wait_bgtask
 from support.daemon import StorageProxyProcess
 
 
 def new_vfid(kind: QuotaScopeType = QuotaScopeType.USER) -> VFolderID:
     return VFolderID(QuotaScopeID(kind, uuid.uuid4()), uuid.uuid4())
-
-
-async def wait_bgtask(daemon: StorageProxyProcess, task_id: Any, timeout: float = 20.0) -> dict[str, Any]:
-    """Our /bgtask poll (the manager learns it from events; this is for the test)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while True:
-            async with http.get(f"{daemon.manager_url}/bgtask/{task_id}",
-                                headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret}) as resp:
-                assert resp.status == 200, await resp.text()
-                state = await resp.json()
-            if state["status"] != "running":
-                return state
-            assert time.monotonic() < deadline, f"bgtask {task_id} still running: {state}"
-            await asyncio.sleep(0.05)
 
 
 def test_volumes_and_hwinfo(daemon: StorageProxyProcess) -> None:

@@ -511,21 +511,27 @@ class ManagerAPI:
             allow_extra=True,
         )
         src_vfid, dst_vfid = args["src_vfid"], args["dst_vfid"]
-        volume = self._vfolder(request, args["src_volume"], src_vfid)
-        # Upstream refuses another volume; we clone to any volume whose backend
-        # shares the vfs file layout (every backend here does).
-        dst_volume = volume if args["dst_volume"] is None else self.volumes.get(args["dst_volume"])
-        if dst_volume is volume and src_vfid == dst_vfid:
-            raise InvalidAPIParameters.field("dst_vfid", "must differ from src_vfid")
-        await self._require_vfolder(volume, src_vfid)
-        if await self.pool.run(os.path.lexists, dst_volume.vfolder_path(dst_vfid)):
-            raise VFolderExists(f"the destination vfolder already exists: {dst_vfid}", vfid=str(dst_vfid))
+        src_name = args["src_volume"]
+        dst_name = src_name if args["dst_volume"] is None else args["dst_volume"]
+        request.storage_volume = src_name  # type: ignore[attr-defined]  # problems.py logs it
 
+        # Everything past the parameters is checked in the task, as upstream:
+        # the manager marks the source CLONING before it calls us and only a
+        # clone event (success or failure) makes it READY again, so a refusal
+        # here would leave the source stuck (docs/manager-api.md).  A missing
+        # source, an existing destination or an unknown volume fail the task,
+        # which sends vfolder_clone_failure.  Unlike upstream, any destination
+        # volume whose backend shares the vfs layout works.
         async def run(progress: Any) -> None:
+            volume = self.volumes.get(src_name)
+            dst_volume = self.volumes.get(dst_name)
+            await self._require_vfolder(volume, src_vfid)
+            if await self.pool.run(os.path.lexists, dst_volume.vfolder_path(dst_vfid)):
+                raise VFolderExists(f"the destination vfolder already exists: {dst_vfid}", vfid=str(dst_vfid))
             await volume.clone_vfolder(src_vfid, dst_volume, dst_vfid, progress)
 
         task = self.bgtasks.start(
-            "clone-vfolder", run, volume=volume.name, dst_volume=dst_volume.name,
+            "clone-vfolder", run, volume=src_name, dst_volume=dst_name,
             src_vfid=str(src_vfid), dst_vfid=str(dst_vfid),
         )
         return json_body(request, {"bgtask_id": str(task.task_id)})
@@ -657,7 +663,15 @@ class ManagerAPI:
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
         path = await volume.resolve(vfid, str(args["relpath"]))
-        f = await self.pool.run(_open_for_fetch, path)
+        try:
+            f = await self.pool.run(_open_for_fetch, path)
+        except FileNotFound:
+            # An empty 200, as upstream: the manager streams task logs with this
+            # route and shows a log not written yet as empty; any error status
+            # would be an error page instead (docs/manager-api.md).
+            request.setResponseCode(200)
+            request.setHeader(b"Content-Type", b"application/octet-stream")
+            return b""
         pacer = _Pacer()
         try:
             request.setResponseCode(200)

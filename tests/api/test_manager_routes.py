@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from support.manager import StubManager, stub_manager_fixture
 
-from storage.manager_client import BadRequest, Conflict, NotFound, Unprocessable
+from storage.manager_client import BadRequest, NotFound, Unprocessable
 from storage.vfid import VFolderID
 
 JSON = "application/json"
@@ -169,8 +169,13 @@ async def test_list_rename_move_fetch(manager: StubManager) -> None:
     assert await manager.client.fetch("local", vfid, "big.bin") == big
     r = await manager.request("POST", "/folder/file/fetch", {"volume": "local", "vfid": vfid, "relpath": "dir"})
     assert (r.code, r.content_type) == (400, PROBLEM)
-    r = await manager.request("POST", "/folder/file/fetch", {"volume": "local", "vfid": vfid, "relpath": "nope"})
-    assert (r.code, r.json()["type"]) == (404, BASE + "file-not-found")
+    # a missing file is an empty 200, as upstream (the manager shows a task log
+    # not written yet as empty); in a missing directory too
+    for missing in ("nope", "no/such/dir/file"):
+        r = await manager.request("POST", "/folder/file/fetch", {"volume": "local", "vfid": vfid, "relpath": missing})
+        assert (r.code, r.content_type, r.body) == (200, "application/octet-stream", b"")
+    r = await manager.request("POST", "/folder/file/fetch", {"volume": "local", "vfid": new_vfid(), "relpath": "x"})
+    assert (r.code, r.json()["type"]) == (404, BASE + "vfolder/not-found")
 
 
 @pytest_twisted.ensureDeferred
@@ -250,11 +255,22 @@ async def test_clone_and_delete_vfolder(manager: StubManager) -> None:
     assert state["status"] == "done"
     assert (on_disk(manager, clone) / "sub" / "data").read_bytes() == b"payload"
 
-    r = await manager.request("POST", "/folder/clone", {"src_volume": "local", "src_vfid": new_vfid(),
-                                                        "dst_volume": "local", "dst_vfid": new_vfid()})
-    assert (r.code, r.json()["type"]) == (404, BASE + "vfolder/not-found")
-    with pytest.raises(Conflict):
-        await manager.client.clone_folder("local", vfid, clone)
+    # A missing source, an existing destination, an unknown volume: accepted, and
+    # the task fails (as upstream; the manager only releases its CLONING source on
+    # a clone event, so a refusal here would leave it stuck).
+    for body, problem in [
+        ({"src_volume": "local", "src_vfid": new_vfid(), "dst_volume": "local", "dst_vfid": new_vfid()},
+         "vfolder/not-found"),
+        ({"src_volume": "local", "src_vfid": vfid, "dst_volume": None, "dst_vfid": clone}, "vfolder/already-exists"),
+        ({"src_volume": "local", "src_vfid": vfid, "dst_volume": None, "dst_vfid": vfid}, "vfolder/already-exists"),
+        ({"src_volume": "local", "src_vfid": vfid, "dst_volume": "nowhere", "dst_vfid": new_vfid()}, "volume/invalid"),
+        ({"src_volume": "nowhere", "src_vfid": vfid, "dst_volume": None, "dst_vfid": new_vfid()}, "volume/invalid"),
+    ]:
+        r = await manager.request("POST", "/folder/clone", body)
+        assert r.code == 200, r.body
+        state = await manager.client.wait_bgtask(r.json()["bgtask_id"], raise_on_failure=False)
+        assert state["status"] == "failed" and state["error"]["type"] == BASE + problem, (body, state)
+    assert (on_disk(manager, clone) / "sub" / "data").read_bytes() == b"payload"  # untouched
     r = await manager.request("POST", "/folder/clone", {"src_volume": "local", "src_vfid": vfid, "dst_vfid": clone})
     assert r.code == 400 and "dst_volume" in r.json()["data"]  # a required key, even if null
 
