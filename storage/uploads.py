@@ -40,7 +40,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any
@@ -707,11 +707,16 @@ class UploadWriter:
             self.fd = -1
 
 
-def open_writer(vfolder: Path, session: str, expected_offset: int | None) -> UploadWriter:
+def open_writer(
+    vfolder: Path, session: str, expected_offset: int | None,
+    check: Callable[[UploadState], Any] | None = None,
+) -> UploadWriter:
     """Lock the upload for writing and check the client's offset (blocking).
 
     Raises ``UploadNotFound``, ``UploadBusy`` (a writer holds it),
     ``UploadCompleted``, or ``OffsetMismatch`` (with the offset of record).
+    ``check`` sees the state under the lock before anything else is done
+    with it (no recovery, no offset check) and raises to refuse the request.
     """
     try:
         fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -729,6 +734,8 @@ def open_writer(vfolder: Path, session: str, expected_offset: int | None) -> Upl
         state = read_state(vfolder, session)
         if state is None:
             raise UploadNotFound()
+        if check is not None:
+            check(state)
         if state.completed:
             raise UploadCompleted()
         state = recover_staged_bytes(vfolder, fd, state)
@@ -1082,12 +1089,15 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
 
 
 def concatenate_parts(
-    vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float
+    vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float,
+    check: Callable[[UploadState], Any] | None = None,
 ) -> UploadState:
-    """Join complete partial uploads into the token's upload with copy_file_range."""
+    """Join complete partial uploads into the token's upload with copy_file_range.
+
+    ``check`` vets the token's upload first, as in ``open_writer``."""
     if len(set(parts)) != len(parts):
         raise InvalidAPIParameters.field("Upload-Concat", "a partial upload is named twice")
-    writer = open_writer(vfolder, session, 0)
+    writer = open_writer(vfolder, session, 0, check)
     part_writers: list[UploadWriter] = []
     try:
         total = 0

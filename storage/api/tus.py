@@ -416,11 +416,7 @@ class TusUploads:
             if length > ref.token.size:
                 raise InvalidAPIParameters.field("Upload-Length", "a part cannot be longer than the upload")
             session = new_session_id()
-            state = await self.pool.run(
-                create_upload, ref.vfolder, session, ref.token.relpath, length,
-                expire=self.expire_seconds(), kind=PARTIAL,
-                extra={"owner": ref.token.session, "metadata": metadata},
-            )
+            state = await self.pool.run(self._create_partial, ref, session, length, metadata)
             location = ref.location(session)
         elif concat is None:
             if length != ref.token.size:
@@ -453,10 +449,23 @@ class TusUploads:
                 self.volumes.get(ref.token.volume).invalidate_usage(ref.token.vfid)
         return state
 
+    def _create_partial(self, ref: UploadRef, session: str, length: int, metadata: str | None) -> UploadState:
+        """A partial upload under the token's upload, which the token must agree with."""
+        main = read_state(ref.vfolder, ref.token.session)
+        if main is not None:
+            check_claims(ref, main)
+        return create_upload(
+            ref.vfolder, session, ref.token.relpath, length,
+            expire=self.expire_seconds(), kind=PARTIAL,
+            extra={"owner": ref.token.session, "metadata": metadata,
+                   "vfid": str(ref.token.vfid), "volume": ref.token.volume},
+        )
+
     def _create_main(self, ref: UploadRef, length: int, metadata: str | None) -> UploadState:
         """Creation of the token's own upload: it usually exists (prepared by the manager)."""
         state = read_state(ref.vfolder, ref.session)
         if state is not None:
+            check_claims(ref, state)
             if state.completed:
                 raise UploadCompleted()
             return state
@@ -470,7 +479,8 @@ class TusUploads:
 
     async def concatenate(self, request: Any, ref: UploadRef, parts: list[str]) -> bytes:
         state = await self.pool.run(
-            concatenate_parts, ref.vfolder, ref.token.session, parts, ref.dst_dir, ref.token.exp
+            concatenate_parts, ref.vfolder, ref.token.session, parts, ref.dst_dir, ref.token.exp,
+            lambda main: check_claims(ref, main),
         )
         request.setHeader(b"Location", ref.location().encode())
         self.state_headers(request, ref, state)
@@ -507,10 +517,13 @@ class TusUploads:
         if ctype.split(b";")[0].strip().lower() != OFFSET_OCTET_STREAM:
             raise WrongContentType()
         offset = parse_offset(header(request, b"Upload-Offset"))
+        declared = header(request, b"Upload-Length")
+        declared_length = None if declared is None else parse_offset(declared, "Upload-Length")
         checksum = parse_checksum(header(request, b"Upload-Checksum"))
-        # Whether the body fits is checked only after the offset (``_open``):
-        # tus answers a mismatched offset 409 before any check of the body.
-        return PatchInProgress(self, request, ref, offset, length, checksum)
+        # Whether the body fits, and a changed Upload-Length, are checked only
+        # after the offset (``_open``): tus answers a mismatched offset 409
+        # before any check of the body.
+        return PatchInProgress(self, request, ref, offset, length, checksum, declared_length)
 
     async def patch(self, request: Any) -> bytes:
         patch = getattr(request, "body_context", None)
@@ -619,7 +632,7 @@ class PatchInProgress:
 
     def __init__(
         self, tus: TusUploads, request: StreamingRequest, ref: UploadRef, offset: int,
-        length: int | None, checksum: tuple[str, bytes] | None,
+        length: int | None, checksum: tuple[str, bytes] | None, declared_length: int | None = None,
     ) -> None:
         self.tus = tus
         self.request = request
@@ -627,6 +640,7 @@ class PatchInProgress:
         self.offset = offset
         self.length = length
         self.checksum = checksum
+        self.declared_length = declared_length  # a PATCH's Upload-Length: must be the upload's
         self.target: PatchTarget | None = None
         self.early_outcome: UploadState | Failure | None = None
         self.outcome: UploadState | Failure | None = None
@@ -669,25 +683,34 @@ class PatchInProgress:
     def _open(self) -> PatchTarget:
         ref = self.ref
         try:
-            writer = open_writer(ref.vfolder, ref.session, self.offset)
+            # Whose upload it is comes first: a token that disagrees with
+            # the upload learns nothing of it (not even its offset).
+            writer = open_writer(ref.vfolder, ref.session, self.offset, self._check)
         except UploadNotFound:
             if self.tus.completed_state(ref) is not None:
                 raise UploadCompleted() from None
             raise
         try:
             state = writer.state
-            if ref.partial:
-                self.tus.check_owner(ref, state)
-            elif state.kind == FINAL:
-                raise ConcatForbidden()
-            else:
-                self.tus.check_owner(ref, state)
+            if self.declared_length is not None and self.declared_length != state.length:
+                raise InvalidAPIParameters.field(
+                    "Upload-Length", f"the upload's length is {state.length}; it cannot change"
+                )
             if self.length is not None and state.offset + self.length > state.length:
                 raise UploadTooLong(f"offset {state.offset} + {self.length} bytes is past Upload-Length {state.length}")
         except BaseException:
             writer.close()
             raise
         return PatchTarget(self.tus.pool, writer, self.checksum)
+
+    def _check(self, state: UploadState) -> None:
+        """Under the upload's lock, before its offset is looked at."""
+        if state.completed:
+            check_claims(self.ref, state)
+            return
+        self.tus.check_owner(self.ref, state)  # a partial's owner, expiry, the token's claims
+        if state.kind == FINAL and not self.ref.partial:
+            raise ConcatForbidden()
 
     def _count_done(self, result: Any) -> Any:
         self.tus.patches_in_flight -= 1
