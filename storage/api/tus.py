@@ -79,6 +79,11 @@ OFFSET_OCTET_STREAM = b"application/offset+octet-stream"
 EARLY_WRITEBACK_MAX_PATCHES = 4
 # How long a HEAD or PATCH waits for an earlier PATCH it stopped to record its bytes.
 SUPERSEDE_WAIT = 1.0
+# How much longer it waits once that PATCH has stopped receiving and only
+# records its bytes (an fdatasync: bounded work, slow on a network filesystem).
+# Answering before would report an offset about to be overtaken: a resume
+# from it would be refused with 409.
+RECORD_WAIT = 10.0
 ALLOW_METHODS = "OPTIONS, HEAD, PATCH, POST, DELETE"
 
 
@@ -361,7 +366,13 @@ class TusUploads:
         if previous is None:
             return succeed(None)
         previous.sink.stop()
-        return previous.when_done(self.reactor, SUPERSEDE_WAIT)
+
+        def still_recording(_: Any) -> Any:
+            if not previous.done and not previous.receiving:
+                return previous.when_done(self.reactor, RECORD_WAIT)
+            return None
+
+        return previous.when_done(self.reactor, SUPERSEDE_WAIT).addCallback(still_recording)
 
     async def head(self, request: Any, ref: UploadRef) -> bytes:
         await self.supersede(ref)
@@ -653,6 +664,7 @@ class PatchInProgress:
         self.finished: Deferred[None] = self.sink.done.addBoth(self._body_done)
         tus.patches_in_flight += 1
         self.done = False
+        self.receiving = True  # until the body has ended: then only its outcome is recorded
         self.done_waiters: list[Deferred[None]] = []
         self.key = (str(ref.vfolder), ref.session)
         earlier = tus.supersede(ref)  # the older PATCH ends; never two writers
@@ -752,6 +764,7 @@ class PatchInProgress:
         the PATCH's outcome too (one thread hop fewer, and no wait for a pool
         thread, per PATCH)."""
         result = target.writer.receive(sock, count, target.hasher, stop)
+        self.receiving = False  # what follows only records
         if result.consumed == count and result.error is None and not result.stopped:
             try:
                 self.early_outcome = target.finish(True, None, self.ref.dst_dir, self.ref.token.exp)
@@ -766,6 +779,7 @@ class PatchInProgress:
         return target
 
     def _body_done(self, result: int | Failure) -> Deferred[None]:
+        self.receiving = False
         error = result.value if isinstance(result, Failure) else None
         if self.early_outcome is not None:  # the socket thread already finished it
             d: Deferred[UploadState] = (

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import jwt
 import pytest
+from twisted.internet.defer import maybeDeferred
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
 
-from tus_harness import OCTETS, SECRET, TUS, Connection, TusHarness  # noqa: E402
+from tus_harness import OCTETS, SECRET, TUS, Connection, ManualPool, TusHarness  # noqa: E402
 
 from storage.janitor import sweep_volume  # noqa: E402
 from storage.tokens import issue_download_token  # noqa: E402
@@ -581,3 +582,44 @@ def test_an_empty_upload_replaces_an_existing_file(h):
     token, _ = h.new_upload(0)
     assert h.head(token).status == 200
     assert h.target().read_bytes() == b""
+
+
+def run_newest(pool: ManualPool) -> None:
+    """Run the call queued last: a pool thread that got to it while an
+    earlier call still runs (a slow fdatasync, say)."""
+    f, args, kwargs, d = pool.calls.pop()
+    maybeDeferred(f, *args, **kwargs).chainDeferred(d)
+
+
+@pytest.mark.parametrize("resume", ["HEAD", "PATCH"])
+def test_a_resume_waits_while_the_stopped_patch_records_its_bytes(tmp_path, resume):
+    """The stopped PATCH ended its body at once but its record (fdatasync,
+    state) takes longer than the stop wait: the resume waits for it rather
+    than see the old offset (a HEAD answering 0, the resumed PATCH then 409)
+    or the lock still held (423)."""
+    pool = ManualPool()
+    h = TusHarness(tmp_path, pool=pool)
+    token, session = h.new_upload(10)
+    first = Connection(h)
+    first.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "0"}), 10)
+    pool.run_all()  # locked, offset checked
+    first.send(b"abcd")
+    pool.run_all()  # written, not recorded
+    second = Connection(h)
+    if resume == "HEAD":
+        second.send_head("HEAD", f"/upload?token={token}", TUS, None)
+    else:
+        second.send_head("PATCH", f"/upload?token={token}", dict(OCTETS, **{"Upload-Offset": "4"}), 6)
+        second.send(b"efghij")
+    assert pool.calls  # the old PATCH's record waits for a pool thread
+    h.clock.advance(1.5)  # past the stop wait: the old PATCH stopped, still recording
+    run_newest(pool)  # what the resume queued by now runs first
+    pool.run_all()
+    h.clock.advance(1.5)
+    pool.run_all()
+    [r] = second.responses()
+    if resume == "HEAD":
+        assert (r.status, r.header("Upload-Offset")) == (200, "4"), r
+    else:
+        assert r.status == 204, r
+        assert h.target().read_bytes() == b"abcdefghij"
