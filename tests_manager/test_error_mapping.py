@@ -110,26 +110,28 @@ CASES: dict[str, Case] = {
     "mkdir/exists": Case(
         lambda c, f: c.mkdir(volume="local", vfid=v(f, E), relpath=["dir"], exist_ok=False),
         VFolderOperationFailed, VFolderOperationFailed),
-    # a path leading out of the vfolder: upstream's trafaret PurePath check / InvalidSubpath, 400
+    # a path leading out of the vfolder: upstream's sanitize_vfpath raises InvalidSubpathError
+    # (vfolder_access_invalid-parameters, 400); its upload route does not check the relpath
+    # and hands out a token (the escape fails later, at the upload)
     "list_files/escaping": Case(
         lambda c, f: c.list_files("local", v(f, E), "../.."), VFolderBadRequest, VFolderBadRequest),
     "upload_file/escaping": Case(
-        lambda c, f: c.upload_file("local", v(f, E), "../x", "1"), VFolderBadRequest, VFolderBadRequest),
+        lambda c, f: c.upload_file("local", v(f, E), "../x", "1"), VFolderBadRequest, None),
     # a vfolder that does not exist: ours 404 vfolder_read_not-found everywhere; upstream's
-    # answer depends on the route: its scandir's FileNotFoundError and du's failure are
-    # text/plain 500s, handle_fs_errors a 400, and mkdir (parents=True by default) creates
-    # the missing vfolder's directory outside any quota scope
+    # sanitize_vfpath raises VFolderNotFoundError (the same code) where a route calls it;
+    # mkdir reports it per item (422); used-bytes' du failure and the upload's mkdir of
+    # .upload are text/plain 500s
     "get_folder_usage/missing": Case(
-        lambda c, f: c.get_folder_usage("local", v(f, M)), VFolderNotFound, PassthroughError),
+        lambda c, f: c.get_folder_usage("local", v(f, M)), VFolderNotFound, VFolderNotFound),
     "get_used_bytes/missing": Case(
         lambda c, f: c.get_used_bytes("local", v(f, M)), VFolderNotFound, PassthroughError),
     "list_files/missing-vfolder": Case(
-        lambda c, f: c.list_files("local", v(f, M), "."), VFolderNotFound, VFolderBadRequest),
+        lambda c, f: c.list_files("local", v(f, M), "."), VFolderNotFound, VFolderNotFound),
     "mkdir/missing-vfolder": Case(
         lambda c, f: c.mkdir(volume="local", vfid=v(f, M), relpath=["a"], exist_ok=True),
-        VFolderNotFound, None),
+        VFolderNotFound, VFolderOperationFailed),
     "rename_file/missing-vfolder": Case(
-        lambda c, f: c.rename_file("local", v(f, M), "a", "b"), VFolderNotFound, VFolderBadRequest),
+        lambda c, f: c.rename_file("local", v(f, M), "a", "b"), VFolderNotFound, VFolderNotFound),
     "upload_file/missing-vfolder": Case(
         lambda c, f: c.upload_file("local", v(f, M), "a", "1"), VFolderNotFound, PassthroughError),
     # fetch of a missing file: an empty 200, as upstream, which fetch_file_content
@@ -269,5 +271,20 @@ def test_every_error_body_carries_a_code(daemon: StorageProxyProcess, folders: F
                     assert resp.status >= 400, path
                     data = await resp.json(content_type=None)
                     ErrorCode.from_str(data["error_code"])  # parses as the manager parses it
+
+    run(go())
+
+
+def test_create_without_a_quota_scope_when_auto_creation_is_off(daemon_factory: Any) -> None:
+    """Upstream re-raises its QuotaScopeNotFoundError (quota-scope domain): so do we."""
+    proc = daemon_factory(extra_config={"storage-proxy": {"allow-auto-quota-scope-creation": False}})
+    vfid = new_vfid()
+
+    async def go() -> None:
+        async with manager_for(proc) as (_sm, client):
+            with pytest.raises(QuotaScopeNotFoundError):
+                await client.create_folder("local", str(vfid))
+            await client.update_quota_scope("local", str(vfid.quota_scope_id), 2**30)
+            await client.create_folder("local", str(vfid))  # with its scope, it is created
 
     run(go())
