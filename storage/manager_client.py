@@ -274,7 +274,10 @@ class ManagerClient:
                            {"volume": volume, "vfid": vfid, "src_relpath": src_relpath, "dst_relpath": dst_relpath})
 
     async def fetch(self, volume: str, vfid: str, relpath: str) -> bytes:
-        """The whole file in memory; use ``fetch_to`` for large files."""
+        """The whole file in memory; use ``fetch_to`` for large files.
+
+        A missing file reads as empty (the route answers an empty 200, as upstream).
+        """
         chunks: list[bytes] = []
         await self.fetch_to(volume, vfid, relpath, chunks.append)
         return b"".join(chunks)
