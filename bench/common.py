@@ -127,8 +127,10 @@ class Daemon:
     """``twistd -n storage-proxy`` with a generated config: one vfs volume
     ``local`` under ``workdir``, loopback ports chosen by the kernel."""
 
-    def __init__(self, workdir: Path, env: dict[str, str] | None = None, io_threads: int = 16) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None, io_threads: int = 16,
+                 extra: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
+        self.extra = extra or {}
         self.volume = workdir / "volume"
         self.volume.mkdir(parents=True, exist_ok=True)
         self.env = env or {}
@@ -148,6 +150,8 @@ class Daemon:
             "volume": {"local": {"backend": "vfs", "path": str(self.volume)}},
             "logging": {"level": "WARNING"},
         }
+        for section, values in self.extra.items():
+            _merge(config.setdefault(section, {}), values)
         path = self.workdir / "storage-proxy.toml"
         path.write_text(tomli_w.dumps(config))
         env = dict(os.environ)
@@ -197,6 +201,24 @@ class Daemon:
         mount = self.manager("GET", "/folder/mount", {"volume": "local", "vfid": vfid})
         return vfid, Path(mount["path"])
 
+    def upload_tokens(self, vfid: str, files: list[tuple[str, int]]) -> list[str]:
+        """Upload tokens for (relpath, size) pairs, over one keep-alive connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.manager_port, timeout=60)
+        tokens = []
+        try:
+            for relpath, size in files:
+                body = {"volume": "local", "vfid": vfid, "relpath": relpath, "size": size}
+                conn.request("POST", "/folder/file/upload", json.dumps(body).encode(),
+                             {"X-BackendAI-Storage-Auth-Token": MANAGER_SECRET, "Content-Type": "application/json"})
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200:
+                    raise SystemExit(f"manager upload token: {response.status} {data[:300]!r}")
+                tokens.append(json.loads(data)["token"])
+        finally:
+            conn.close()
+        return tokens
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -206,6 +228,14 @@ class Daemon:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+
+def _merge(into: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 # -- timing --------------------------------------------------------------------------

@@ -45,6 +45,9 @@ class ConfigError(Exception):
         self.problem = problem
 
 
+DEFAULT_LISTEN_BACKLOG = 4096
+
+
 @dataclass(frozen=True)
 class ServiceAddr:
     host: str
@@ -58,16 +61,23 @@ class APIConfig:
     ssl_cert: Path | None = None
     ssl_privkey: Path | None = None
     secret: str | None = None  # only the manager API has one
+    # listen(2)'s backlog: connections the kernel completes and queues before
+    # the daemon accepts them.  Twisted's default (50) overflows when many
+    # clients connect at once; then the kernel drops handshakes and, with SYN
+    # cookies, answers a client's later body segments with RSTs.  The kernel
+    # caps it at net.core.somaxconn.
+    listen_backlog: int = DEFAULT_LISTEN_BACKLOG
 
     def endpoint_description(self) -> str:
         """A twisted strports description for this listener."""
         host = self.service_addr.host.replace(":", r"\:")
+        backlog = f":backlog={self.listen_backlog}"
         if self.ssl_enabled:
             return (
-                f"ssl:{self.service_addr.port}:interface={host}"
+                f"ssl:{self.service_addr.port}:interface={host}{backlog}"
                 f":privateKey={self.ssl_privkey}:certKey={self.ssl_cert}"
             )
-        return f"tcp:{self.service_addr.port}:interface={host}"
+        return f"tcp:{self.service_addr.port}:interface={host}{backlog}"
 
 
 @dataclass(frozen=True)
@@ -234,7 +244,9 @@ def _api(root: dict[str, Any], name: str, default_port: int, with_secret: bool) 
             if not Path(v).is_file():
                 raise ConfigError(f"{prefix} {k}", f"no such file: {v}")
     secret = _str(api, "secret", f"{prefix} secret") if with_secret else None
+    backlog = _int(api, "listen-backlog", f"{prefix} listen-backlog", DEFAULT_LISTEN_BACKLOG, minimum=1)
     return APIConfig(
+        listen_backlog=backlog,
         service_addr=addr,
         ssl_enabled=ssl_enabled,
         ssl_cert=Path(cert) if cert else None,

@@ -90,7 +90,15 @@ options = { projects-path = "/etc/projects" }
     assert set(config.volumes) == {"local", "xfs1"}
     assert config.volumes["xfs1"].fsprefix == "data"
     assert config.volumes["xfs1"].options == {"projects-path": "/etc/projects"}
-    assert config.client.endpoint_description() == "tcp:6021:interface=0.0.0.0"
+    assert config.client.endpoint_description() == "tcp:6021:interface=0.0.0.0:backlog=4096"
+
+
+def test_listen_backlog_is_configurable_per_api():
+    root = minimal(**{"api.client.listen-backlog": 123})
+    config = parse_config(root)
+    assert config.client.listen_backlog == 123
+    assert config.manager.listen_backlog == 4096
+    assert config.client.endpoint_description().endswith(":backlog=123")
 
 
 def test_underscore_keys_are_accepted():
@@ -111,6 +119,8 @@ def test_underscore_keys_are_accepted():
         ({"api.client.service-addr": {"host": "127.0.0.1", "port": 70000}}, "[api.client] service-addr.port"),
         ({"api.client.service-addr": {"host": "127.0.0.1", "port": "x"}}, "[api.client] service-addr.port"),
         ({"api.client.ssl-enabled": "yes"}, "[api.client] ssl-enabled"),
+        ({"api.client.listen-backlog": 0}, "[api.client] listen-backlog"),
+        ({"api.manager.listen-backlog": "lots"}, "[api.manager] listen-backlog"),
         ({"api.client.ssl-enabled": True}, "[api.client] ssl-cert"),
         ({"volume.local.backend": "zfs"}, "[volume.local] backend"),
         ({"volume.local.path": ""}, "[volume.local] path"),
