@@ -10,7 +10,14 @@ The body has upstream's shape: ``status``, ``version``, ``component`` and
 ``connectivity {overall_healthy, connectivity_checks[...], timestamp}``.
 ``/health`` always answers 200 (``ok``/``degraded``); ``/livez`` and
 ``/readyz`` answer 503 (``error``) when a gating check fails.  All volume
-checks gate.
+checks gate both.
+
+With an event bus (``[redis]``) there is one more check, service group
+``redis``, component ``stream`` (the manager's stream database, as upstream
+names its Redis checks): healthy while the link is up and nothing waits for
+Redis.  It gates ``/readyz`` only: a restart would not bring Redis back,
+and the events wait in the outbox meanwhile; ``/health`` shows it as
+``degraded``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from storage import API_VERSION
 
 SERVICE_GROUP = "storage-volume"
+EVENT_BUS_GROUP = "redis"
+EVENT_BUS_COMPONENT = "stream"
 
 
 @dataclass
@@ -34,10 +43,11 @@ class CheckResult:
     is_healthy: bool
     checked_at: float
     error_message: str | None = None
+    service_group: str = SERVICE_GROUP
 
     def as_json(self) -> dict[str, Any]:
         return {
-            "service_group": SERVICE_GROUP,
+            "service_group": self.service_group,
             "component_id": self.component_id,
             "is_healthy": self.is_healthy,
             "last_checked_at": iso(self.checked_at),
@@ -67,6 +77,20 @@ class HealthChecker:
         self.max_age = max_age
         self._last: dict[str, CheckResult] = {}
         self._running: dict[str, Deferred[CheckResult]] = {}
+        self.event_bus: Any = None  # storage.events.delivery.Delivery, set by the daemon
+
+    def _check_event_bus(self) -> CheckResult:
+        state = self.event_bus.state()
+        error = None
+        if not state["connected"]:
+            error = f"Redis unreachable: {state['last_error'] or 'not connected'}"
+        elif state["down_since"] is not None:
+            error = f"Redis does not take events: {state['last_error'] or 'unknown error'}"
+        if error is not None and state["backlog"]:
+            error += f"; {state['backlog']} event(s) waiting ({state['outbox_pending']} in the outbox)"
+        if error is None and state["outbox_error"]:
+            error = f"event outbox: {state['outbox_error']}"
+        return CheckResult(EVENT_BUS_COMPONENT, error is None, time.time(), error, EVENT_BUS_GROUP)
 
     def _check_volume(self, volume: Any) -> Deferred[CheckResult]:
         name = volume.name
@@ -110,12 +134,18 @@ class HealthChecker:
         running.addCallback(forward)
         return view
 
-    async def connectivity(self) -> dict[str, Any]:
+    async def connectivity(self, event_bus_gates: bool = True) -> dict[str, Any]:
+        """``event_bus_gates=False`` (``/livez``): the event bus is reported but does not gate."""
         volumes = list(self.volumes)
         results = await DeferredList([self._check_volume(v) for v in volumes], consumeErrors=True)
         checks = [r for ok, r in results if ok]
+        healthy = all(c.is_healthy for c in checks)
+        if self.event_bus is not None:
+            bus = self._check_event_bus()
+            checks.append(bus)
+            healthy = healthy and (bus.is_healthy or not event_bus_gates)
         return {
-            "overall_healthy": all(c.is_healthy for c in checks),
+            "overall_healthy": healthy,
             "connectivity_checks": [c.as_json() for c in checks],
             "timestamp": iso(time.time()),
         }

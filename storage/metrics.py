@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -39,6 +39,32 @@ class _BackgroundTaskCollector(Collector):
         for (name, status), count in sorted(tally.items()):
             family.add_metric([name, status], count)
         yield family
+
+
+class _EventBusCollector(Collector):
+    """The event bus's counters (storage.events.delivery.Delivery), read at scrape time."""
+
+    def __init__(self, delivery: Any) -> None:
+        self.delivery = delivery
+
+    def collect(self) -> Iterable[Any]:
+        d = self.delivery
+        for attr, help_text in (
+            ("sent", "Events the manager's Redis accepted, by event name"),
+            ("queued", "Events that had to wait because Redis was unreachable, by event name"),
+            ("failed", "Events that could not be kept in the outbox or encoded, by event name"),
+            ("dropped", "Progress events dropped while Redis was unreachable, by event name"),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_events_{attr}", help_text, labels=["name"])
+            for name, count in sorted(getattr(d, attr).items()):
+                family.add_metric([name], count)
+            yield family
+        state = d.state()
+        yield GaugeMetricFamily(f"{PREFIX}_events_backlog", "Events waiting to be sent", value=state["backlog"])
+        yield GaugeMetricFamily(f"{PREFIX}_events_outbox_pending", "Events in the durable outbox not yet acknowledged",
+                                value=state["outbox_pending"])
+        yield GaugeMetricFamily(f"{PREFIX}_event_bus_connected", "1 while the link to the manager's Redis is up",
+                                value=1 if state["connected"] else 0)
 
 
 class ManagerMetrics:
@@ -74,6 +100,9 @@ class ManagerMetrics:
             ProcessCollector(registry=r)
         except Exception:  # pragma: no cover - platforms without /proc
             pass
+
+    def add_event_bus(self, delivery: Any) -> None:
+        self.registry.register(_EventBusCollector(delivery))
 
     def track(self, request: Any, route: str) -> None:
         """Record ``request`` once its response is finished (or the client left)."""

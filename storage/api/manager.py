@@ -336,7 +336,7 @@ class ManagerAPI:
 
     @api_route("/livez", "GET", auth=False)
     async def check_livez(self, request: IRequest) -> bytes:
-        code, body = health_body(await self.health.connectivity(), probe=True)
+        code, body = health_body(await self.health.connectivity(event_bus_gates=False), probe=True)
         return json_body(request, body, code)
 
     @api_route("/readyz", "GET", auth=False)

@@ -40,7 +40,7 @@ class Delivery(Service):
     name = "event-bus"  # type: ignore[assignment]
 
     retry_initial = 0.25
-    retry_max = 5.0
+    retry_max = 2.0
     flush_timeout = 3.0  # at stop: how long the pump may go on sending
 
     def __init__(self, link: RedisLink, outbox: Outbox, event_format: str, reactor: Any) -> None:

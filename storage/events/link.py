@@ -28,7 +28,7 @@ class LinkDown(Exception):
 
 class RedisLink:
     initial_delay = 0.5
-    max_delay = 5.0
+    max_delay = 2.0
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,30 @@ from support.redis import REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
 from test_events_redis import create_vfolder, manager_call, new_vfid, wait_for
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+
+
+def get(daemon: Any, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=10)
+    conn.request("GET", path)
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response.status, data
+
+
+def bus_check(daemon: Any, path: str) -> tuple[int, dict[str, Any]]:
+    status, data = get(daemon, path)
+    body = json.loads(data)
+    [check] = [c for c in body["connectivity"]["connectivity_checks"] if c["service_group"] == "redis"]
+    assert check["component_id"] == "stream"
+    return status, check
+
+
+def metric(daemon: Any, name: str, labels: str = "") -> float:
+    _, data = get(daemon, "/metrics")
+    pattern = "^" + re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" (\S+)"
+    m = re.search(pattern, data.decode(), re.M)
+    return float(m.group(1)) if m else 0.0
 
 
 def start(factory: Any, redis: RedisServer, tmp: Path) -> Any:
@@ -34,6 +60,14 @@ def test_redis_down_during_delete_then_back(storage_proxy_factory: Any, tmp_path
         wait_for(lambda: "Redis unreachable" in daemon.log, what="the daemon noticing")
         pending = (tmp_path / "state" / "events.outbox").read_text()
         assert "vfolder_deletion_success" in pending and "bgtask_done" in pending
+        # The probes and /metrics say so.
+        status, check = bus_check(daemon, "/health")
+        assert status == 200 and check["is_healthy"] is False and "Redis unreachable" in check["error_message"]
+        assert bus_check(daemon, "/readyz")[0] == 503
+        assert bus_check(daemon, "/livez")[0] == 200  # a restart would not bring Redis back
+        assert metric(daemon, "storage_proxy_event_bus_connected") == 0
+        assert metric(daemon, "storage_proxy_events_queued_total", 'name="vfolder_deletion_success"') == 1
+        assert metric(daemon, "storage_proxy_events_outbox_pending") == 2
         time.sleep(0.5)
         redis.start()
         with redis.client() as c:
@@ -43,6 +77,13 @@ def test_redis_down_during_delete_then_back(storage_proxy_factory: Any, tmp_path
             cached = wait_for(lambda: c.command("GET", f"bgtask.{body['bgtask_id']}"), what="the bgtask cache")
             assert json.loads(cached)["name"] == "bgtask_done"
         wait_for(lambda: "Redis reachable again" in daemon.log, what="the recovery log line")
+        wait_for(lambda: bus_check(daemon, "/readyz")[0] == 200, what="ready")
+        status, check = bus_check(daemon, "/readyz")
+        assert status == 200 and check["is_healthy"] is True and check["error_message"] is None
+        assert metric(daemon, "storage_proxy_events_sent_total", 'name="vfolder_deletion_success"') == 1
+        assert metric(daemon, "storage_proxy_events_sent_total", 'name="bgtask_done"') == 1
+        assert metric(daemon, "storage_proxy_events_outbox_pending") == 0
+        assert metric(daemon, "storage_proxy_event_bus_connected") == 1
     finally:
         redis.stop()
 
