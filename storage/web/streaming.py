@@ -120,6 +120,44 @@ def send_now(channel: Any) -> None:
         transport.startWriting()
 
 
+# Bound on the reads ``read_what_is_queued`` makes (each up to the transport's bufferSize).
+QUEUED_READS_MAX = 256
+
+
+def _socket_queue(sock: Any) -> int:
+    """Bytes waiting unread in a socket's receive queue (FIONREAD)."""
+    import fcntl
+    import sys
+    import termios
+
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def read_what_is_queued(channel: Any) -> None:
+    """Deliver to the channel now what its socket already holds, unread (the
+    socket may be paused): the reads the reactor would make, through the
+    same transport (and TLS layer), as many as the queue needs, bounded.
+    Nothing is waited for."""
+    from twisted.internet.tcp import Connection
+
+    tcp = getattr(channel, "transport", None)
+    for _ in range(3):  # under TLS the TCP connection is the TLS protocol's transport
+        if isinstance(tcp, Connection):
+            break
+        tcp = getattr(tcp, "transport", None)
+    if not isinstance(tcp, Connection):
+        return
+    for _ in range(QUEUED_READS_MAX):
+        if not tcp.connected or tcp.disconnecting or _socket_queue(tcp.socket) <= 0:
+            return
+        if tcp.doRead() is not None:
+            return  # end of stream or an error: the reactor sees it as usual
+
+
 def pause_reading(channel: Any) -> None:
     channel.transport.pauseProducing()
 
@@ -440,8 +478,10 @@ class UploadSink(_NotAFile):
         self._maybe_done()
 
     def stop(self) -> None:
-        """End the body now (the daemon is stopping): keep what came, drop the
-        connection; a receiving thread is told through ``stop_signal``."""
+        """End the body now (the daemon is stopping, or a newer request for
+        the upload came): keep what came, what the socket already holds
+        included, drop the connection; a receiving thread is told through
+        ``stop_signal`` (and does the same)."""
         if self.ended:
             return
         self.stop_requested = True
@@ -449,6 +489,10 @@ class UploadSink(_NotAFile):
             if self.stop_signal is not None:
                 self.stop_signal.set()
             return
+        if self.channel is not None:
+            read_what_is_queued(self.channel)  # received (acknowledged): it counts
+            if self.ended:
+                return  # that was the rest of the body
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.loseConnection()
         self.connection_lost()
