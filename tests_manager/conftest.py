@@ -5,7 +5,9 @@ These tests import backend.ai-manager 26.9.6 and backend.ai-common 26.9.6
 daemon on loopback with ``support.daemon.StorageProxyProcess`` and drive it
 with the manager's ``StorageSessionManager`` and
 ``StorageProxyManagerFacingClient`` exactly as the manager does
-(``harness.py``).  They live outside ``tests/`` so the default envs, which
+(``harness.py``; a module importing it is skipped without the manager).
+``test_events.py`` needs backend.ai-common only, so it also runs against the
+older common releases whose event encodings we offer.  They live outside ``tests/`` so the default envs, which
 have no manager, never collect them.
 """
 
@@ -22,7 +24,7 @@ _TESTS = str(Path(__file__).resolve().parent.parent / "tests")
 if _TESTS not in sys.path:
     sys.path.append(_TESTS)
 
-pytest.importorskip("ai.backend.manager", reason="needs backend.ai-manager 26.9.6 (tox -e manager)")
+pytest.importorskip("ai.backend.common", reason="needs backend.ai-common (tox -e manager, manager-common268, ...)")
 
 from support.daemon import StorageProxyProcess  # noqa: E402
 

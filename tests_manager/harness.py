@@ -1,28 +1,24 @@
-"""Helpers for the manager-compat tests: the manager's own clients for a daemon."""
+"""The manager's own clients for a daemon (skips the importing module without the manager)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
-import aiohttp
+import pytest
+
+pytest.importorskip("ai.backend.manager", reason="needs backend.ai-manager 26.9.6 (tox -e manager)")
+
 from ai.backend.manager.clients.storage_proxy.manager_facing_client import (
     StorageProxyManagerFacingClient,
 )
 from ai.backend.manager.clients.storage_proxy.session_manager import StorageSessionManager
 from ai.backend.manager.config.unified import VolumesConfig
+from calls import run, wait_bgtask  # noqa: F401  (re-exported for the tests)
 from support.daemon import StorageProxyProcess
 
 PROXY = "sp"  # the proxy's name in the manager's [volumes.proxies]
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
-    """Run one coroutine on a fresh asyncio loop, bounded in time."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def volumes_config(daemon: StorageProxyProcess, **extra: Any) -> VolumesConfig:
@@ -55,18 +51,3 @@ async def manager_for(daemon: StorageProxyProcess,
         # the manager-facing clients have their own sessions, which aclose() leaves open
         for client in sm._manager_facing_clients.values():
             await client._client._client_session.close()
-
-
-async def wait_bgtask(daemon: StorageProxyProcess, task_id: Any, timeout: float = 20.0) -> dict[str, Any]:
-    """Our /bgtask poll (the manager learns it from events; this is for the test)."""
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while True:
-            async with http.get(f"{daemon.manager_url}/bgtask/{task_id}",
-                                headers={"X-BackendAI-Storage-Auth-Token": daemon.manager_secret}) as resp:
-                assert resp.status == 200, await resp.text()
-                state = await resp.json()
-            if state["status"] != "running":
-                return state
-            assert time.monotonic() < deadline, f"bgtask {task_id} still running: {state}"
-            await asyncio.sleep(0.05)

@@ -7,13 +7,20 @@ arguments the manager's ``MessageQueueDependency`` gives it (anycast stream
 database 4) under common's ``EventDispatcher``, with the event classes the
 manager registers (``consume`` for the vfolder anycast events, ``subscribe``
 for the bgtask broadcasts).  The test deletes, clones and deletes files
-through the daemon with the manager's own client, and each task must reach a
-handler as the right event class with the right vfid and task id.
+through the daemon's manager API (the manager's request bodies), and each
+task must reach a handler as the right event class with the right vfid and
+task id.
+
+It needs backend.ai-common only: ``tox -e manager`` runs it with 26.9.6
+(``event-format = "26.9"``, the default), ``manager-common268`` and
+``manager-common264`` with 26.8.3 and 26.4.16, the daemon then set to that
+line's encoding (chosen from the installed common's version).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +28,6 @@ from typing import Any
 
 import pytest
 from ai.backend.common.defs import REDIS_STREAM_DB
-from ai.backend.common.dto.storage.request import FileDeleteAsyncRequest
 from ai.backend.common.events.dispatcher import EventDispatcher
 from ai.backend.common.events.event_types.bgtask.broadcast import (
     BgtaskCancelledEvent,
@@ -44,7 +50,7 @@ from ai.backend.common.types import (
     RedisTarget,
     VFolderID,
 )
-from harness import manager_for, run
+from calls import manager_call, run
 from support.daemon import StorageProxyProcess
 from support.redis import REDIS_SERVER, SKIP_REASON, RedisServer
 
@@ -55,6 +61,8 @@ VFOLDER_EVENTS = (VFolderDeletionSuccessEvent, VFolderDeletionFailureEvent,
 BGTASK_EVENTS = (BgtaskUpdatedEvent, BgtaskDoneEvent, BgtaskFailedEvent,
                  BgtaskCancelledEvent, BgtaskPartialSuccessEvent)
 TERMINAL = (BgtaskDoneEvent, BgtaskFailedEvent, BgtaskCancelledEvent, BgtaskPartialSuccessEvent)
+COMMON = importlib.metadata.version("backend.ai-common")
+EVENT_FORMAT = ".".join(COMMON.split(".")[:2])  # "26.9", "26.8", "26.4": the daemon's event-format
 
 
 def new_vfid() -> VFolderID:
@@ -119,55 +127,62 @@ def redis_server(tmp_path: Path):
 
 
 def test_each_task_reaches_the_managers_handlers(redis_server: RedisServer, daemon_factory: Any) -> None:
-    daemon: StorageProxyProcess = daemon_factory(extra_config={"redis": {"addr": redis_server.addr}})
-    deleted, source, clone, files = new_vfid(), new_vfid(), new_vfid(), new_vfid()
+    daemon: StorageProxyProcess = daemon_factory(
+        extra_config={"redis": {"addr": redis_server.addr, "event-format": EVENT_FORMAT}})
+    deleted, source, clone, files, missing = (new_vfid() for _ in range(5))
+
+    async def call(path: str, body: dict[str, Any], expect: int) -> Any:
+        status, answer = await manager_call(daemon, "POST", path, body)
+        assert status == expect, (path, status, answer)
+        return answer
 
     async def go() -> None:
         side = ManagerSide()
         await side.start(redis_server)
         try:
-            async with manager_for(daemon) as (_sm, client):
-                for vfid in (deleted, source, files):
-                    await client.create_folder("local", str(vfid))
-                    await client.mkdir(volume="local", vfid=str(vfid), relpath=["a/b", "c"], exist_ok=False)
+            for vfid in (deleted, source, files):
+                await call("/folder/create", {"volume": "local", "vfid": str(vfid), "options": {}}, 204)
+                await call("/folder/file/mkdir", {"volume": "local", "vfid": str(vfid), "relpath": ["a/b", "c"],
+                                                  "exist_ok": False}, 200)
+            t_delete = uuid.UUID((await call("/folder/delete", {"volume": "local", "vfid": str(deleted)},
+                                             202))["bgtask_id"])
+            clone_body = {"src_volume": "local", "src_vfid": str(source), "dst_volume": "local",
+                          "dst_vfid": str(clone)}
+            t_clone = uuid.UUID((await call("/folder/clone", clone_body, 200))["bgtask_id"])
+            fail_body = {"src_volume": "local", "src_vfid": str(missing), "dst_volume": "local",
+                         "dst_vfid": str(new_vfid())}
+            t_clone_fail = uuid.UUID((await call("/folder/clone", fail_body, 200))["bgtask_id"])
+            t_files = uuid.UUID((await call("/folder/file/delete-async", {
+                "volume": "local", "vfid": str(files), "relpaths": ["a"], "recursive": True}, 202))["bgtask_id"])
+            tasks = (t_delete, t_clone, t_clone_fail, t_files)
 
-                t_delete = (await client.delete_folder("local", str(deleted)))
-                # the manager's delete_folder returns nothing: the task is found by its vfid
-                t_clone = (await client.clone_folder("local", str(source), "local", str(clone))).bgtask_id
-                missing = new_vfid()
-                t_clone_fail = (await client.clone_folder("local", str(missing), "local", str(new_vfid()))).bgtask_id
-                t_files = (await client.delete_files_async(FileDeleteAsyncRequest(
-                    volume="local", vfid=files, relpaths=[Path("a")], recursive=True))).bgtask_id
-                assert t_delete is None
+            # the vfolder anycast events, consumed by group "manager"
+            await side.wait(lambda: side.vfolder_events(deleted) and side.vfolder_events(source)
+                            and side.vfolder_events(missing), "the vfolder events")
+            [deletion] = side.vfolder_events(deleted)
+            assert type(deletion) is VFolderDeletionSuccessEvent
+            [cloned] = side.vfolder_events(source)
+            assert type(cloned) is VFolderCloneSuccessEvent and cloned.dst_vfid == clone
+            [failed] = side.vfolder_events(missing)
+            assert type(failed) is VFolderCloneFailureEvent and failed.message
 
-                # the vfolder anycast events, consumed by group "manager"
-                await side.wait(lambda: side.received[VFolderDeletionSuccessEvent]
-                                and side.received[VFolderCloneSuccessEvent]
-                                and side.received[VFolderCloneFailureEvent], "the vfolder events")
-                [deletion] = side.vfolder_events(deleted)
-                assert type(deletion) is VFolderDeletionSuccessEvent
-                [cloned] = side.vfolder_events(source)
-                assert type(cloned) is VFolderCloneSuccessEvent and cloned.dst_vfid == clone
-                [failed] = side.vfolder_events(missing)
-                assert type(failed) is VFolderCloneFailureEvent and failed.message
+            # the bgtask broadcasts: exactly one terminal event per task, of the right class
+            await side.wait(lambda: all(side.terminal(t) for t in tasks), "a terminal bgtask event for each task")
+            assert [type(e) for e in side.terminal(t_delete)] == [BgtaskDoneEvent]
+            assert [type(e) for e in side.terminal(t_clone)] == [BgtaskDoneEvent]
+            assert [type(e) for e in side.terminal(t_clone_fail)] == [BgtaskFailedEvent]
+            assert [type(e) for e in side.terminal(t_files)] == [BgtaskDoneEvent]
+            assert set(tasks) <= {e.task_id for e in side.received[BgtaskUpdatedEvent]}
 
-                # the bgtask broadcasts: exactly one terminal event per task, of the right class
-                await side.wait(lambda: all(side.terminal(t) for t in (t_clone, t_clone_fail, t_files)),
-                                "a terminal bgtask event for each task")
-                assert [type(e) for e in side.terminal(t_clone)] == [BgtaskDoneEvent]
-                assert [type(e) for e in side.terminal(t_clone_fail)] == [BgtaskFailedEvent]
-                assert [type(e) for e in side.terminal(t_files)] == [BgtaskDoneEvent]
-                updated = {e.task_id for e in side.received[BgtaskUpdatedEvent]}
-                assert {t_clone, t_clone_fail, t_files} <= updated
-                # the delete's task: the one terminal event left, a BgtaskDoneEvent
-                others = [e for cls in TERMINAL for e in side.received[cls]
-                          if e.task_id not in (t_clone, t_clone_fail, t_files)]
-                assert [type(e) for e in others] == [BgtaskDoneEvent]
-
-                # and the filesystem agrees with what the events say
-                root = Path((await client.get_mount_path("local", str(clone)))["path"])
-                assert (root / "a" / "b").is_dir() and (root / "c").is_dir()
-                assert [i["name"] for i in (await client.list_files("local", str(files), "."))["items"]] == ["c"]
+            # and the filesystem agrees with what the events say
+            status, _ = await manager_call(daemon, "GET", "/folder/usage", {"volume": "local", "vfid": str(deleted)})
+            assert status == 404
+            status, listing = await manager_call(daemon, "POST", "/folder/file/list",
+                                                 {"volume": "local", "vfid": str(files), "relpath": "."})
+            assert status == 200 and [i["name"] for i in listing["items"]] == ["c"]
+            status, listing = await manager_call(daemon, "POST", "/folder/file/list",
+                                                 {"volume": "local", "vfid": str(clone), "relpath": "a"})
+            assert status == 200 and [i["name"] for i in listing["items"]] == ["b"]
         finally:
             await side.close()
 
