@@ -56,7 +56,7 @@ while time.monotonic() < end:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         print("error", flush=True)
         continue
-    print(f"{time.perf_counter() - t0:.6f}", flush=True)
+    print(f"{time.perf_counter() - t0:.6f}@{time.monotonic():.3f}", flush=True)
     time.sleep(interval)
 """
 
@@ -182,10 +182,12 @@ def start_prober(port: int, interval: float, duration: float) -> subprocess.Pope
                             stdout=subprocess.PIPE, text=True)
 
 
-def read_prober(proc: subprocess.Popen[str]) -> tuple[list[float], int]:
+def read_prober(proc: subprocess.Popen[str]) -> tuple[list[tuple[float, float]], int]:
+    """(monotonic time, latency) of each probe, and the count of failed probes."""
     out, _ = proc.communicate()
     lines = out.split()
-    return [float(x) for x in lines if x != "error"], lines.count("error")
+    samples = [x.split("@") for x in lines if x != "error"]
+    return [(float(at), float(lat)) for lat, at in samples], lines.count("error")
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -206,6 +208,8 @@ def main() -> None:
     parser.add_argument("--probe-interval", type=float, default=0.05)
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--py-spy", type=Path, default=None,
+                        help="record the daemon's stacks under load (py-spy, collapsed format) into this file")
     parser.add_argument("--config", action="append", default=[],
                         help="extra config as SECTION.KEY=INT, e.g. api.client.listen-backlog=50")
     args = parser.parse_args()
@@ -229,17 +233,29 @@ def main() -> None:
         bodies = [payload(i, args.size, block) for i in range(args.clients)]
 
         idle_probe = start_prober(daemon.manager_port, args.probe_interval, 3.0)
-        idle, idle_errors = read_prober(idle_probe)
+        idle_timed, idle_errors = read_prober(idle_probe)
+        idle = [lat for _, lat in idle_timed]
         rss0 = rss_bytes(daemon.pid)
         before = netstat()
         out = Outcome()
         samples: list[int] = []
         expected = args.size / args.rate + args.clients / args.wave * args.wave_gap
         prober = start_prober(daemon.manager_port, args.probe_interval, min(args.timeout, expected))
+        spy = None
+        if args.py_spy is not None:
+            spy = subprocess.Popen(["py-spy", "record", "-p", str(daemon.pid), "-o", str(args.py_spy), "-f", "raw",
+                                    "-r", "200", "-d", str(int(expected)), "-t"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
         results = asyncio.run(run_load(daemon, tokens, bodies, args, out, samples))
         elapsed = time.monotonic() - t0
-        loaded, loaded_errors = read_prober(prober)
+        loaded_timed, loaded_errors = read_prober(prober)
+        loaded = [lat for _, lat in loaded_timed]
+        opened = t0 + args.clients / args.wave * args.wave_gap + 1.0
+        steady = [lat for at, lat in loaded_timed if at > opened]
+        slowest = sorted(loaded_timed, key=lambda x: -x[1])[:5]
+        if spy is not None:
+            spy.wait(60)
         after = netstat()
         for i, ok in enumerate(results):
             if ok:
@@ -262,6 +278,9 @@ def main() -> None:
               f" {idle_errors} errors)")
         print(f"  manager GET / loaded: p50 {l50 * 1000:.1f} ms  p99 {l99 * 1000:.1f} ms  max {lmax * 1000:.1f} ms"
               f"  ({len(loaded)} probes, {loaded_errors} errors)")
+        print(f"  manager GET / after the connections opened (+1 s): p50 {pct(steady, 50) * 1000:.1f} ms"
+              f"  p99 {pct(steady, 99) * 1000:.1f} ms  ({len(steady)} probes); slowest at "
+              + ", ".join(f"{lat * 1000:.0f} ms @ {at - t0:.1f} s" for at, lat in slowest))
         print(f"  loaded/idle: p50 x{l50 / i50:.1f}  p99 x{l99 / i99:.1f}  (mean {statistics.fmean(loaded or [0]) * 1000:.1f} ms)")
     finally:
         daemon.stop()

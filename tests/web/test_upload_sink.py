@@ -213,8 +213,19 @@ def test_sink_limit_stops_before_writing_past_it():
 
 
 class FakeSocket:
+    def __init__(self) -> None:
+        self.lowat = 1
+        self.lowats: list[int] = []  # every SO_RCVLOWAT set, in order
+
     def recv_into(self, buffer):  # never called: the fake thread pool does the work
         raise AssertionError("the reactor must not read a handed-off socket")
+
+    def setsockopt(self, level, option, value) -> None:
+        import socket
+
+        assert (level, option) == (socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+        self.lowat = value
+        self.lowats.append(value)
 
 
 class FakeSocketThreads:
@@ -295,6 +306,38 @@ def test_no_hand_off_when_every_socket_thread_is_busy(h):
     h.pool.run_all()
     [r] = conn.responses()
     assert r.status == 204
+
+
+def test_a_body_read_by_the_reactor_wakes_it_per_read_lowat_bytes_then_per_byte_again(h):
+    from storage.web.streaming import READ_LOWAT
+
+    size = 3 * READ_LOWAT + 1000
+    threads, conn, _ = patch_with_socket_threads(h, size, busy=True)
+    sock = conn.transport.socket
+    assert sock.lowat == READ_LOWAT  # set with the headers
+    h.pool.run_all()
+    conn.send(b"d" * (2 * READ_LOWAT + 500))
+    h.pool.run_all()
+    assert sock.lowat == READ_LOWAT
+    conn.send(b"d" * READ_LOWAT)
+    assert sock.lowat == 500  # never more than the rest of the body
+    conn.send(b"d" * 500)
+    h.pool.run_all()
+    [r] = conn.responses()
+    assert r.status == 204
+    assert sock.lowat == 1  # the next request on the connection is read at once
+
+
+def test_a_refused_body_is_read_per_byte(h):
+    from storage.web.streaming import READ_LOWAT
+
+    size = 4 * READ_LOWAT
+    threads, conn, _ = patch_with_socket_threads(h, size, busy=True)
+    sock = conn.transport.socket
+    assert sock.lowat == READ_LOWAT
+    conn.channel.requests[0].content._fail(__import__("twisted.python.failure").python.failure.Failure(
+        OSError("disk gone")))
+    assert sock.lowat == 1  # the rest is drained whatever size it is
 
 
 def test_drain_ends_bodies_still_arriving_and_keeps_their_bytes(h):
