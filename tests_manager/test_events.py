@@ -187,3 +187,40 @@ def test_each_task_reaches_the_managers_handlers(redis_server: RedisServer, daem
             await side.close()
 
     run(go(), timeout=90)
+
+
+def test_a_burst_of_deletes_is_handled_once_each(redis_server: RedisServer, daemon_factory: Any) -> None:
+    """200 deletes while the manager's consumer reads: each handled once, the stream trimmed."""
+    daemon: StorageProxyProcess = daemon_factory(
+        extra_config={"redis": {"addr": redis_server.addr, "event-format": EVENT_FORMAT}})
+    vfids = [new_vfid() for _ in range(200)]
+
+    async def go() -> None:
+        side = ManagerSide()
+        await side.start(redis_server)
+        try:
+            for vfid in vfids:
+                status, _ = await manager_call(daemon, "POST", "/folder/create",
+                                               {"volume": "local", "vfid": str(vfid), "options": {}})
+                assert status == 204
+            answers = await asyncio.gather(*(
+                manager_call(daemon, "POST", "/folder/delete", {"volume": "local", "vfid": str(v)})
+                for v in vfids))
+            assert all(status == 202 for status, _ in answers)
+            tasks = {uuid.UUID(body["bgtask_id"]) for _, body in answers}
+            await side.wait(lambda: len(side.received[VFolderDeletionSuccessEvent]) >= len(vfids)
+                            and all(side.terminal(t) for t in tasks), "every delete's events", timeout=60)
+            handled = [e.vfid for e in side.received[VFolderDeletionSuccessEvent]]
+            assert sorted(map(str, handled)) == sorted(map(str, vfids))  # each once, none lost
+            assert all(len(side.terminal(t)) == 1 for t in tasks)
+            # the stream is trimmed as upstream trims it (MAXLEN ~ 128)
+            resp = redis_server.client(4)
+            try:
+                length = resp.command("XLEN", "events")
+            finally:
+                resp.close()
+            assert length <= 128 + 100, length  # "~": Redis trims whole nodes (100 entries)
+        finally:
+            await side.close()
+
+    run(go(), timeout=120)
