@@ -124,8 +124,10 @@ class BackgroundTaskRegistry:
                 log.failure("background task listener {listener!r} failed in {hook} ({task_id})",
                             listener=listener, hook=hook, task_id=task.task_id)
 
-    def start(self, name: str, fn: Callable[[Progress], Coroutine[Any, Any, Any]], **context: Any) -> BackgroundTask:
-        task = BackgroundTask(uuid.uuid4(), name, context=dict(context))
+    def start(self, name: str, fn: Callable[[Progress], Coroutine[Any, Any, Any]], *,
+              task_id: uuid.UUID | None = None, **context: Any) -> BackgroundTask:
+        """Run ``fn(progress)``; ``task_id`` resumes a task a former run left unfinished."""
+        task = BackgroundTask(task_id or uuid.uuid4(), name, context=dict(context))
         self._tasks[task.task_id] = task
         self._prune()
 

@@ -158,10 +158,12 @@ class StorageProxy(SequentialMultiService):
         # still publish) and before the pool (the outbox writes through it).
         from storage.events import make_event_bus
 
-        bus = make_event_bus(config, self.pool, reactor)
-        self.events: Any = bus[0] if bus is not None else None  # storage.events.delivery.Delivery
-        self.event_publisher: Any = bus[1] if bus is not None else None
-        if self.events is not None:
+        self.event_bus = make_event_bus(config, self.pool, reactor)
+        self.events: Any = None  # storage.events.delivery.Delivery
+        self.event_publisher: Any = None
+        if self.event_bus is not None:
+            self.events, self.event_publisher = self.event_bus.delivery, self.event_bus.publisher
+            self.event_bus.journal_service.setServiceParent(self)  # stops after the bus
             self.events.setServiceParent(self)
         run_as_uid = _uid_gid(config)[0] if os.getuid() == 0 else None
         context = VolumeContext(
@@ -232,6 +234,15 @@ class StorageProxy(SequentialMultiService):
                 return
         # What start-up allocated lives as long as the daemon: keep it out of
         # the collector's full passes, which hold the GIL for their length.
+        if self.event_bus is not None:
+            # Tasks a killed daemon left: a delete runs again, a clone removes its copy and fails.
+            from storage.events.journal import resume_unfinished
+
+            try:
+                await resume_unfinished(self.event_bus.journal, self.events, self.bgtasks,
+                                        self.manager_api.task_runner)
+            except OSError as exc:
+                log.error("task journal: cannot read it ({exc}); tasks of a former run are not resumed", exc=exc)
         gc.freeze()
         self.manager_listener.start_accepting()
         self.client_listener.start_accepting()

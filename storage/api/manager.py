@@ -39,6 +39,7 @@ from storage.artifacts.registry import ArtifactStorages, ArtifactStorageService
 from storage.auth import check_manager_token
 from storage.errors import (
     DeprecatedAPI,
+    ExecutionError,
     FileNotFound,
     FileOperationFailed,
     InsufficientStorage,
@@ -494,13 +495,8 @@ class ManagerAPI:
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
 
-        async def run(progress: Any) -> None:
-            # Idempotent, like a retried upstream task: a vfolder already gone is done.
-            if not await self.pool.run(os.path.lexists, volume.vfolder_path(vfid)):
-                return
-            await volume.delete_vfolder(vfid, progress)
-
-        task = self.bgtasks.start("delete-vfolder", run, volume=volume.name, vfid=str(vfid))
+        context = {"volume": volume.name, "vfid": str(vfid)}
+        task = self.bgtasks.start("delete-vfolder", self.task_runner("delete-vfolder", context), **context)
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
 
     @api_route("/folder/clone", "POST")
@@ -765,13 +761,48 @@ class ManagerAPI:
     async def delete_files_async(self, request: IRequest) -> bytes:
         volume, vfid, relpaths, recursive = await self._delete_request(request)
 
-        async def run(progress: Any) -> None:
-            await volume.delete_files(vfid, relpaths, recursive=recursive, progress=progress)
-
-        task = self.bgtasks.start("delete-files", run, volume=volume.name, vfid=str(vfid))
+        context = {"volume": volume.name, "vfid": str(vfid), "relpaths": list(relpaths), "recursive": recursive}
+        task = self.bgtasks.start("delete-files", self.task_runner("delete-files", context), **context)
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
 
     # -- background tasks (ours; upstream reports them on its event bus) ----
+
+    def task_runner(self, name: str, context: dict[str, Any], *, resumed: bool = False) -> Any:
+        """The body of a background task, from its name and context (also for one a killed daemon left).
+
+        A resumed delete simply runs again (deletes are idempotent); a resumed
+        clone removes its partial destination and fails.
+        """
+        from storage.vfid import VFolderID
+
+        async def delete_vfolder(progress: Any) -> None:
+            volume = self.volumes.get(context["volume"])
+            vfid = VFolderID.parse(context["vfid"])
+            # Idempotent, like a retried upstream task: a vfolder already gone is done.
+            if not await self.pool.run(os.path.lexists, volume.vfolder_path(vfid)):
+                return
+            await volume.delete_vfolder(vfid, progress)
+
+        async def delete_files(progress: Any) -> None:
+            volume = self.volumes.get(context["volume"])
+            vfid = VFolderID.parse(context["vfid"])
+            await volume.delete_files(vfid, list(context["relpaths"]), recursive=bool(context["recursive"]),
+                                      progress=progress)
+
+        async def abandon_clone(progress: Any) -> None:
+            dst_volume = self.volumes.get(context.get("dst_volume") or context["volume"])
+            await dst_volume.delete_vfolder(VFolderID.parse(context["dst_vfid"]), missing_ok=True)
+            raise ExecutionError(
+                "storage-proxy stopped during the clone; the partial destination was removed"
+            )
+
+        if name == "delete-vfolder":
+            return delete_vfolder
+        if name == "delete-files":
+            return delete_files
+        if name == "clone-vfolder" and resumed:
+            return abandon_clone
+        raise ValueError(f"no runner for background task {name!r}")
 
     def _task(self, task_id: str) -> Any:
         try:

@@ -7,6 +7,7 @@ One job per module:
 * ``link`` -- the txredisapi connection (lazy, reconnects with backoff);
 * ``outbox`` -- the durable on-disk outbox (at-least-once);
 * ``delivery`` -- the ordered queue and pump (a service);
+* ``journal`` -- the running tasks on disk, resumed after a kill;
 * ``publisher`` -- the ``storage.bgtasks`` listener that makes the events.
 
 ``make_event_bus(config, pool, reactor)`` composes them; None without ``[redis]``.
@@ -14,18 +15,30 @@ One job per module:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 
-def make_event_bus(config: Any, pool: Any, reactor: Any) -> tuple[Any, Any] | None:
-    """``(Delivery, EventPublisher)`` for ``config.redis``, or None when there is none."""
+@dataclass
+class EventBus:
+    delivery: Any  # storage.events.delivery.Delivery (a service)
+    publisher: Any  # storage.events.publisher.EventPublisher (a bgtasks listener)
+    journal: Any  # storage.events.journal.TaskJournal
+    journal_service: Any  # storage.events.journal.JournalService
+
+
+def make_event_bus(config: Any, pool: Any, reactor: Any) -> EventBus | None:
+    """The event bus for ``config.redis``, or None when there is none."""
     if getattr(config, "redis", None) is None:
         return None
+    from storage.events import journal as j
     from storage.events.delivery import Delivery
     from storage.events.link import RedisLink
     from storage.events.outbox import FILE_NAME, Outbox, default_state_dir
     from storage.events.publisher import EventPublisher
 
-    outbox = Outbox(default_state_dir(config) / FILE_NAME, pool)
+    state = default_state_dir(config)
+    outbox = Outbox(state / FILE_NAME, pool)
     delivery = Delivery(RedisLink(config.redis), outbox, config.redis.event_format, reactor)
-    return delivery, EventPublisher(delivery, reactor)
+    journal = j.TaskJournal(state / j.FILE_NAME, pool)
+    return EventBus(delivery, EventPublisher(delivery, reactor, journal), journal, j.JournalService(journal))

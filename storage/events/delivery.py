@@ -41,6 +41,7 @@ class Delivery(Service):
 
     retry_initial = 0.25
     retry_max = 2.0
+    warn_after = 1.0  # seconds of outage before it is logged
     flush_timeout = 3.0  # at stop: how long the pump may go on sending
 
     def __init__(self, link: RedisLink, outbox: Outbox, event_format: str, reactor: Any) -> None:
@@ -113,6 +114,15 @@ class Delivery(Service):
             except Exception:
                 pass
 
+    def loaded(self) -> Deferred[None]:
+        """Fires once the outbox of a former run is loaded (and queued)."""
+        d: Deferred[None] = Deferred()
+        if self._is_loaded or self._loaded is None:
+            d.callback(None)
+        else:
+            self._loaded.addBoth(lambda _: d.callback(None))
+        return d
+
     # -- publishing ------------------------------------------------------
 
     def publish(self, events: Iterable[Event], durable: bool = True) -> Deferred[None]:
@@ -138,16 +148,16 @@ class Delivery(Service):
     async def _publish_durable(self, batch: list[Event]) -> None:
         if not self._is_loaded and self._loaded is not None:
             await self._loaded
-        entries: list[tuple[Event, int | None]] = []
-        for event in batch:
-            try:
-                seq: int | None = await self.outbox.append(event)
-            except OSError as exc:
+        # One write, one fsync: a kill leaves all of a task's end or a prefix of it.
+        try:
+            seqs: list[int | None] = list(await self.outbox.append_many(batch))
+        except OSError as exc:
+            for event in batch:
                 self.failed[event.name] += 1
-                log.error("event bus: cannot write {name} to the outbox ({exc}); it is kept in memory only",
-                          name=event.name, exc=exc)
-                seq = None
-            entries.append((event, seq))
+            log.error("event bus: cannot write {names} to the outbox ({exc}); kept in memory only",
+                      names=[e.name for e in batch], exc=exc)
+            seqs = [None] * len(batch)
+        entries: list[tuple[Event, int | None]] = list(zip(batch, seqs, strict=True))
         for entry in entries:
             if not self.link.connected:
                 self.queued[entry[0].name] += 1
@@ -172,6 +182,7 @@ class Delivery(Service):
 
     async def _run(self) -> None:
         delay = self.retry_initial
+        warned = False
         while True:
             if not self._queue or not self._is_loaded:
                 await self._idle(None)
@@ -191,16 +202,20 @@ class Delivery(Service):
             except Exception as exc:
                 if self.down_since is None:
                     self.down_since = time.time()
+                    warned = False
+                # Not at every start (the first connection takes a moment): once it lasts.
+                if not warned and time.time() - self.down_since >= self.warn_after:
+                    warned = True
                     reason = str(exc) if isinstance(exc, LinkDown) else repr(exc)
                     log.warn("event bus: Redis unreachable ({reason}); {n} event(s) wait, retrying with backoff",
                              reason=reason, n=len(self._queue))
                 await self._idle(delay)
                 delay = min(delay * 2, self.retry_max)
                 continue
-            if self.down_since is not None:
+            if self.down_since is not None and warned:
                 log.info("event bus: Redis reachable again after {s:.1f}s; delivering {n} event(s)",
                          s=time.time() - self.down_since, n=len(self._queue))
-                self.down_since = None
+            self.down_since = None
             delay = self.retry_initial
             self._queue.popleft()
             self.sent[event.name] += 1

@@ -25,11 +25,12 @@ from typing import Any
 from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
-from storage.events.encoding import Event
+from storage.events.encoding import TERMINAL, Event
 
 log = Logger()
 
 FILE_NAME = "events.outbox"
+TERMINAL_NAMES = frozenset(TERMINAL.values()) | {"bgtask_partial_success"}
 
 
 def default_state_dir(config: Any) -> Path:
@@ -53,15 +54,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
-    """Blocking: the unacknowledged records in order, and the next sequence number."""
+def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, set[str]]:
+    """Blocking: the unacknowledged records in order, the next sequence number, and the
+    task ids whose terminal event the file holds (sent or not)."""
     events: dict[int, dict[str, Any]] = {}
+    ended: set[str] = set()
     acked: set[int] = set()
     top = 0
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return [], 1
+        return [], 1, ended
     for line in data.split(b"\n"):
         if not line.strip():
             continue
@@ -72,27 +75,34 @@ def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int]:
             else:
                 seq = int(record["seq"])
                 events[seq] = record["event"]
+                if record["event"].get("kind") == "broadcast" and record["event"].get("name") in TERMINAL_NAMES:
+                    ended.add(str(record["event"].get("task_id")))
                 top = max(top, seq)
         except (ValueError, KeyError, TypeError):
             log.warn("event outbox {path}: skipping a damaged line ({n} bytes)", path=str(path), n=len(line))
     pending = [(seq, events[seq]) for seq in sorted(events) if seq not in acked]
-    return pending, top + 1
+    return pending, top + 1, ended
 
 
 def _rewrite(path: Path, pending: list[tuple[int, dict[str, Any]]]) -> None:
+    _rewrite_lines(path, [_line({"seq": seq, "event": event}) for seq, event in pending])
+
+
+def _rewrite_lines(path: Path, lines: list[bytes]) -> None:
+    """Blocking: replace ``path`` atomically (and durably) with ``lines``."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        for seq, event in pending:
-            f.write(_line({"seq": seq, "event": event}))
+        for line in lines:
+            f.write(line)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int]:
+def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int, set[str]]:
     """Blocking: read, keep only what is pending (rewritten), open for appending."""
-    records, next_seq = _read(path)
+    records, next_seq, ended = _read(path)
     kept: list[tuple[int, dict[str, Any]]] = []
     events: list[tuple[int, Event]] = []
     for seq, raw in records:
@@ -105,7 +115,7 @@ def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int]:
         _rewrite(path, kept)
     fd = _open_append(path)
     size = sum(len(_line({"seq": s, "event": e})) for s, e in kept)
-    return events, next_seq, fd, size
+    return events, next_seq, fd, size, ended
 
 
 def _line(record: dict[str, Any]) -> bytes:
@@ -143,6 +153,7 @@ class Outbox:
         self._next = 1
         self._pending: set[int] = set()
         self._size = 0
+        self.ended_task_ids: set[str] = set()  # at load: tasks whose terminal event was written
         self.last_error: str | None = None
 
     @property
@@ -153,7 +164,7 @@ class Outbox:
         """Open the file; the events a former run did not deliver, oldest first."""
         await self._lock.acquire()
         try:
-            records, self._next, self._fd, self._size = await self.pool.run(_load, self.path)
+            records, self._next, self._fd, self._size, self.ended_task_ids = await self.pool.run(_load, self.path)
         except OSError as exc:
             self.last_error = f"{self.path}: {exc.strerror or exc}"
             raise
@@ -166,22 +177,26 @@ class Outbox:
 
     async def append(self, event: Event) -> int:
         """Write ``event`` durably; its sequence number (ack it once Redis has it)."""
+        return (await self.append_many([event]))[0]
+
+    async def append_many(self, events: list[Event]) -> list[int]:
+        """Write ``events`` durably in one write and one fsync: all of them or (torn) a prefix."""
         await self._lock.acquire()
         try:
             if self._fd is None:
                 raise OSError(f"event outbox {self.path} is not open")
-            seq = self._next
-            data = _line({"seq": seq, "event": event.to_json()})
+            seqs = list(range(self._next, self._next + len(events)))
+            data = b"".join(_line({"seq": seq, "event": e.to_json()}) for seq, e in zip(seqs, events, strict=True))
             try:
                 await self.pool.run(_append, self._fd, data, True)
             except OSError as exc:
                 self.last_error = f"{self.path}: {exc.strerror or exc}"
                 raise
             self.last_error = None
-            self._next += 1
+            self._next += len(events)
             self._size += len(data)
-            self._pending.add(seq)
-            return seq
+            self._pending.update(seqs)
+            return seqs
         finally:
             self._lock.release()
 

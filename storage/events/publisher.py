@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from storage.bgtasks import BackgroundTask
@@ -97,13 +98,17 @@ class EventPublisher:
 
     progress_interval = 0.5
 
-    def __init__(self, delivery: Delivery, reactor: Any) -> None:
+    def __init__(self, delivery: Delivery, reactor: Any, journal: Any = None) -> None:
         self.delivery = delivery
         self.reactor = reactor
+        self.journal = journal  # storage.events.journal.TaskJournal: which tasks are running
         self._last_progress: dict[uuid.UUID, float] = {}
         self._trailing: dict[uuid.UUID, Any] = {}
 
     def task_started(self, task: BackgroundTask) -> None:
+        if self.journal is not None:
+            d = Deferred.fromCoroutine(self.journal.started(str(task.task_id), task.name, task.context))
+            d.addErrback(lambda f: log.failure("task journal: cannot record {task_id}", f, task_id=task.task_id))
         self._last_progress[task.task_id] = time.monotonic()
         self.delivery.publish([enc.bgtask_updated(str(task.task_id), 0, 0, MSG_STARTED)], durable=False)
 
@@ -133,4 +138,8 @@ class EventPublisher:
         self.delivery.publish([progress_event(task)], durable=False)
         durable = [e for e in (vfolder_event(task), terminal_event(task)) if e is not None]
         d = self.delivery.publish(durable)
+        if self.journal is not None:
+            # Only once the end is in the outbox: a kill before this re-runs the task's end.
+            journal, tid = self.journal, str(task.task_id)
+            d.addCallback(lambda _: Deferred.fromCoroutine(journal.ended(tid)))
         d.addErrback(lambda f: log.failure("event bus: cannot publish the end of {task_id}", f, task_id=task.task_id))
