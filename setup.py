@@ -66,6 +66,9 @@ setup(
         "werkzeug>=3.0",
         # S3 for the /v1 object storages (storage/artifacts/s3.py says why botocore).
         "botocore>=1.34",
+        # The /v1 HuggingFace registries: the hub's own client (model info, refs,
+        # tree listings, resolve URLs, its error classes), as upstream uses it.
+        "huggingface-hub>=2.0,<3",  # httpx2-based; tested with 2.4
         "pyxattr>=0.8; sys_platform == 'linux'",
         # The manager's event bus (storage/events): txredisapi is a Redis client
         # on the Twisted reactor (reconnects with backoff, TLS, Sentinel); msgpack

@@ -35,6 +35,7 @@ from storage import API_VERSION, tokens
 from storage.api import params as p
 from storage.api.params import Field
 from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
+from storage.artifacts.huggingface import HuggingFaceRegistries
 from storage.artifacts.registry import ArtifactStorages, ArtifactStorageService
 from storage.auth import check_manager_token
 from storage.errors import (
@@ -273,6 +274,8 @@ class ManagerAPI:
         self.metrics = ManagerMetrics(bgtasks)
         self.health = HealthChecker(volumes, pool, reactor)
         self.artifacts = ArtifactStorages(getattr(config, "artifacts", None), getattr(config, "io_threads", 16))
+        artifact_config = getattr(config, "artifacts", None)
+        self.hf_registries = HuggingFaceRegistries(artifact_config.registries if artifact_config else None)
 
     def services(self) -> list[Any]:
         return [
@@ -828,3 +831,4 @@ class ManagerAPI:
 
 # The /v1 artifact-storage routes register themselves on ``app``.
 from storage.api import artifacts as _artifacts  # noqa: E402,F401
+from storage.api import registries as _registries  # noqa: E402,F401

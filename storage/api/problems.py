@@ -56,7 +56,11 @@ def _describe(request: IRequest) -> dict[str, str]:
 def handle_storage_error(request: IRequest, failure: Failure, *, client: bool = False) -> bytes:
     exc = failure.value
     assert isinstance(exc, StorageError)
-    if exc.status >= 500:
+    if exc.status >= 500 and getattr(exc, "external", False):
+        # Another service failed (a hub, say) and the message says how: one line, no traceback.
+        log.warn("{method} {path}: {error_code}: {msg}", error_code=exc.error_code, msg=str(exc),
+                 **_describe(request))
+    elif exc.status >= 500:
         log.failure("{method} {path} (volume {volume}) failed", failure, **_describe(request))  # type: ignore[arg-type]
     return problem_for(request, exc, client=client)
 

@@ -1,0 +1,99 @@
+"""The ``/v1/registries/huggingface/...`` routes of the manager API (upstream 26.9.6's paths and bodies).
+
+``POST scan`` ({registry_name, limit, order, search}) → ``{"models": [ModelData]}``;
+``GET model/<model_id>?registry_name=&revision=`` → ``{"model": ModelData}``
+(with README and size); ``GET model/<model_id>/commit-hash?registry_name=[&revision=]``
+→ ``{"commit_hash"}``; ``POST models/batch`` ({registry_name, models}) →
+``{"models": [...]}``; ``POST import`` → 202 ``{"task_id"}``
+(``storage.artifacts.hfimport``).  The manager sends the model id quoted
+(``org%2Fname``): twisted.web unquotes it into path segments, so the id is a
+``path`` part of the route.  Every hub call runs in the pool.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+from storage.api import params as p
+from storage.api.artifacts import query_value
+from storage.api.manager import ManagerAPI, api_route
+from storage.api.params import Field
+from storage.api.problems import json_body
+from storage.artifacts.huggingface import DEFAULT_REVISION, SORT_KEYS
+from storage.errors import InvalidAPIParameters
+
+HF = "/v1/registries/huggingface"
+
+
+def _sort_key(value: Any) -> str:
+    text = p.string(value)
+    if text not in SORT_KEYS:
+        raise p.ParamError(f"expected one of {', '.join(SORT_KEYS)}, got {text!r}"[:200])
+    return text
+
+
+def _limit(value: Any) -> int:
+    number = p.integer(value)
+    if number < 1:
+        raise p.ParamError("must be at least 1")
+    return number
+
+
+def model_target(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not isinstance(value.get("model_id"), str) or not value["model_id"]:
+        raise p.ParamError("expected {\"model_id\": str, \"revision\": str | null}")
+    revision = value.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision):
+        raise p.ParamError("revision: expected a non-empty string or null")
+    return {"model_id": value["model_id"], "revision": revision or DEFAULT_REVISION}
+
+
+def model_targets(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list):
+        raise p.ParamError("expected a list of {model_id, revision}")
+    return [model_target(v) for v in value]
+
+
+def _query(request: IRequest, name: str, required: bool = True) -> str | None:
+    value = query_value(request, name)
+    if required and not value:
+        raise InvalidAPIParameters.field(name, "is required (in the query string)")
+    return value or None
+
+
+@api_route(HF + "/scan", "POST", name=HF + "/scan")
+async def hf_scan_models(self: ManagerAPI, request: IRequest) -> bytes:
+    args = self._params(request, Field("registry_name", p.string), Field("limit", _limit),
+                        Field("order", _sort_key), Field("search", p.nullable(p.string), None), allow_extra=True)
+    client = self.hf_registries.get(args["registry_name"])
+    models = await self.pool.run(client.scan, args["limit"], args["order"], args["search"])
+    return json_body(request, {"models": models})
+
+
+@api_route(HF + "/model/<path:model_id>/commit-hash", "GET", name=HF + "/model/<model_id>/commit-hash")
+async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
+    client = self.hf_registries.get(_query(request, "registry_name") or "")
+    revision = _query(request, "revision", required=False) or DEFAULT_REVISION
+    commit = await self.pool.run(client.commit_hash, model_id, revision)
+    return json_body(request, {"commit_hash": commit})
+
+
+@api_route(HF + "/model/<path:model_id>", "GET", name=HF + "/model/<model_id>")
+async def hf_retrieve_model(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
+    client = self.hf_registries.get(_query(request, "registry_name") or "")
+    revision = _query(request, "revision") or DEFAULT_REVISION
+    model = await self.pool.run(client.model, model_id, revision)
+    return json_body(request, {"model": model})
+
+
+@api_route(HF + "/models/batch", "POST", name=HF + "/models/batch")
+async def hf_retrieve_models(self: ManagerAPI, request: IRequest) -> bytes:
+    args = self._params(request, Field("registry_name", p.string), Field("models", model_targets), allow_extra=True)
+    client = self.hf_registries.get(args["registry_name"])
+
+    def retrieve() -> list[dict[str, Any]]:
+        return [client.model_basic(m["model_id"], m["revision"]) for m in args["models"]]
+
+    return json_body(request, {"models": await self.pool.run(retrieve)})

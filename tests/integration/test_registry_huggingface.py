@@ -1,0 +1,224 @@
+"""The /v1 HuggingFace registry routes on the real daemon, against the local hub (``support/hub.py``).
+
+No hub is reachable here: the hub is tested only through that contract
+server, which implements the documented HTTP API ``huggingface_hub`` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+from support.daemon import StorageProxyProcess
+
+pytest.importorskip("huggingface_hub", reason="huggingface-hub is not installed")
+
+HUB_SCRIPT = Path(__file__).resolve().parent.parent / "support" / "hub.py"
+MODEL = "acme/tiny-llm"
+OTHER = "acme/other-model"
+
+
+class HubServer:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.files = workdir / "blobs"
+        self.files.mkdir(parents=True)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.content: dict[str, dict[str, bytes]] = {}
+
+    def add_file(self, manifest: dict[str, Any], model_id: str, rev: str, path: str, data: bytes, lfs: bool) -> None:
+        blob = self.files / hashlib.sha256(model_id.encode() + rev.encode() + path.encode()).hexdigest()
+        blob.write_bytes(data)
+        manifest[model_id]["revisions"][rev]["files"][path] = {"file": str(blob), "lfs": lfs}
+        self.content.setdefault(f"{model_id}@{rev}", {})[path] = data
+
+    def start(self, manifest: dict[str, Any]) -> None:
+        path = self.workdir / "manifest.json"
+        path.write_text(json.dumps(manifest))
+        portfile = self.workdir / "port"
+        log = open(self.workdir / "hub.log", "wb")
+        self.process = subprocess.Popen([sys.executable, str(HUB_SCRIPT), str(path), str(portfile)],
+                                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while not portfile.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the hub server did not start: " + (self.workdir / "hub.log").read_text())
+            time.sleep(0.05)
+        self.port = int(portfile.read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post(self, path: str, body: Any) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("POST", path, body=json.dumps(body))
+        out = json.loads(conn.getresponse().read())
+        conn.close()
+        return out
+
+    def get(self, path: str) -> Any:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request("GET", path)
+        out = json.loads(conn.getresponse().read())
+        conn.close()
+        return out
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _repo(**kw: Any) -> dict[str, Any]:
+    return {"author": "acme", "tags": ["pytorch", "text-generation"], "created": "2025-01-02T03:04:05.000Z",
+            "modified": "2025-06-07T08:09:10.000Z", "downloads": 10, "likes": 1, "gated": False,
+            "revisions": {"main": {"sha": hashlib.sha1(os.urandom(8)).hexdigest(), "files": {}}}, **kw}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
+    server = HubServer(tmp_path_factory.mktemp("hub"))
+    manifest = {MODEL: _repo(downloads=100, tags_refs={"v1.0": "main"}), OTHER: _repo(downloads=5, gated="auto")}
+    manifest[MODEL]["revisions"]["dev"] = {"sha": hashlib.sha1(b"dev").hexdigest(), "files": {}}
+    rnd = os.urandom
+    server.add_file(manifest, MODEL, "main", "README.md", b"# tiny-llm\n\nA test model.\n", lfs=False)
+    server.add_file(manifest, MODEL, "main", "config.json", json.dumps({"layers": 2}).encode(), lfs=False)
+    server.add_file(manifest, MODEL, "main", "model.safetensors", rnd(3 * 1024 * 1024 + 17), lfs=True)
+    server.add_file(manifest, MODEL, "main", "tokenizer/vocab.txt", b"a\nb\nc\n" * 1000, lfs=False)
+    server.add_file(manifest, MODEL, "main", "shards/part-1.bin", rnd(700_000), lfs=True)
+    server.add_file(manifest, MODEL, "main", "shards/part-2.bin", rnd(900_001), lfs=True)
+    server.add_file(manifest, MODEL, "dev", "config.json", b"{}", lfs=False)
+    server.add_file(manifest, OTHER, "main", "weights.bin", rnd(1000), lfs=True)
+    server.start(manifest)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[tuple[StorageProxyProcess, Path]]:
+    work = tmp_path_factory.mktemp("hfproxy")
+    base = work / "models"
+    daemon = StorageProxyProcess(work / "proxy", extra_config={
+        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
+        "artifact-registries": {
+            "hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}},
+            "down": {"type": "huggingface", "huggingface": {"endpoint": "http://127.0.0.1:9"}},
+        },
+    }, extra_env={"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"})
+    daemon.start()
+    yield daemon, base
+    daemon.stop(timeout=10)
+    assert "Traceback" not in daemon.log, daemon.log[-4000:]
+
+
+def call(daemon: StorageProxyProcess, method: str, path: str, body: object = None) -> tuple[int, dict[str, str], Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.manager_port, timeout=60)
+    hdrs = {"X-BackendAI-Storage-Auth-Token": daemon.manager_secret}
+    data = json.dumps(body).encode() if body is not None else None
+    conn.request(method, path, body=data, headers=hdrs)
+    response = conn.getresponse()
+    payload = response.read()
+    conn.close()
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    return response.status, headers, json.loads(payload) if payload else None
+
+
+HF = "/v1/registries/huggingface"
+
+
+def model_path(model_id: str, suffix: str = "", **query: str) -> str:
+    # The manager quotes the id with safe="" (org%2Fname).
+    qs = "&".join(f"{k}={quote(v)}" for k, v in query.items())
+    return f"{HF}/model/{quote(model_id, safe='')}{suffix}?{qs}"
+
+
+def test_scan_lists_every_revision_of_each_model(proxy: tuple[StorageProxyProcess, Path]) -> None:
+    daemon, _ = proxy
+    status, _, body = call(daemon, "POST", f"{HF}/scan", {"registry_name": "hf", "limit": 10, "order": "downloads"})
+    assert status == 200, body
+    pairs = [(m["id"], m["revision"]) for m in body["models"]]
+    # most downloaded first; every branch and tag of a model
+    assert [p[0] for p in pairs][0] == MODEL
+    assert sorted(r for i, r in pairs if i == MODEL) == ["dev", "main", "v1.0"]
+    first = body["models"][0]
+    assert first["name"] == "tiny-llm" and first["author"] == "acme"
+    assert first["tags"] == ["pytorch", "text-generation"]
+    assert first["created_at"].startswith("2025-01-02T03:04:05") and first["modified_at"].startswith("2025-06-07")
+    assert first["extra"] == {"gated": False} and first["readme"] is None
+
+    status, _, body = call(daemon, "POST", f"{HF}/scan", {"registry_name": "hf", "limit": 1, "order": "downloads",
+                                                          "search": "other"})
+    assert status == 200 and [(m["id"], m["revision"]) for m in body["models"]] == [(OTHER, "main")]
+
+
+def test_scan_refuses_bad_parameters(proxy: tuple[StorageProxyProcess, Path]) -> None:
+    daemon, _ = proxy
+    status, headers, body = call(daemon, "POST", f"{HF}/scan", {"registry_name": "hf", "limit": 0, "order": "nope"})
+    assert status == 400 and headers["content-type"] == "application/problem+json"
+    assert set(body["data"]) == {"limit", "order"}
+
+
+def test_retrieve_model_with_readme_and_size(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, _ = proxy
+    status, _, body = call(daemon, "GET", model_path(MODEL, registry_name="hf", revision="main"))
+    assert status == 200, body
+    model = body["model"]
+    files = hub.content[f"{MODEL}@main"]
+    assert model["id"] == MODEL and model["revision"] == "main"
+    assert model["readme"] == files["README.md"].decode()
+    assert model["size"] == sum(len(d) for d in files.values())
+
+
+def test_commit_hash(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, _ = proxy
+    status, _, main = call(daemon, "GET", model_path(MODEL, "/commit-hash", registry_name="hf"))
+    assert status == 200, main
+    status, _, tagged = call(daemon, "GET", model_path(MODEL, "/commit-hash", registry_name="hf", revision="v1.0"))
+    status2, _, dev = call(daemon, "GET", model_path(MODEL, "/commit-hash", registry_name="hf", revision="dev"))
+    assert status == status2 == 200
+    assert len(main["commit_hash"]) == 40 and tagged == main
+    assert dev["commit_hash"] == hashlib.sha1(b"dev").hexdigest()
+
+
+def test_models_batch(proxy: tuple[StorageProxyProcess, Path]) -> None:
+    daemon, _ = proxy
+    status, _, body = call(daemon, "POST", f"{HF}/models/batch", {"registry_name": "hf", "models": [
+        {"model_id": MODEL, "revision": "dev"}, {"model_id": OTHER, "revision": None}]})
+    assert status == 200, body
+    assert [(m["id"], m["revision"], m["readme"], m["size"]) for m in body["models"]] == [
+        (MODEL, "dev", None, None), (OTHER, "main", None, None)]
+    assert body["models"][1]["extra"] == {"gated": "auto"}
+
+
+@pytest.mark.parametrize("path,code", [
+    (model_path("acme/missing", registry_name="hf", revision="main"), "artifact_read_not-found"),
+    (model_path(MODEL, registry_name="hf", revision="no-such-branch"), "artifact_read_not-found"),
+    (model_path(MODEL, registry_name="nope", revision="main"), "artifact-registry_read_not-found"),
+    (model_path(MODEL, "/commit-hash", registry_name="nope"), "artifact-registry_read_not-found"),
+])
+def test_not_found_is_a_problem(proxy: tuple[StorageProxyProcess, Path], path: str, code: str) -> None:
+    daemon, _ = proxy
+    status, headers, body = call(daemon, "GET", path)
+    assert status == 404 and headers["content-type"] == "application/problem+json", body
+    assert body["error_code"] == code
+
+
+def test_unreachable_hub_is_a_problem(proxy: tuple[StorageProxyProcess, Path]) -> None:
+    daemon, _ = proxy
+    status, headers, body = call(daemon, "GET", model_path(MODEL, registry_name="down", revision="main"))
+    assert status == 502 and headers["content-type"] == "application/problem+json", body
+    assert body["error_code"] == "artifact-registry_request_unreachable"
+    # (scan and the file listing fail the same way, after huggingface_hub's own
+    # retries of paginated calls: ~23 s, too slow for this suite)
