@@ -3,7 +3,8 @@
 Keys may be spelled with hyphens (upstream's files) or underscores.  Every
 invalid value raises ``ConfigError`` naming the key and what is wrong, so the
 daemon can say it in one line instead of a traceback.  Sections upstream has
-and we do not use (``[etcd]``, ``[debug]``, ...) are accepted and ignored.
+and we do not use (``[debug]``, ...) are accepted and ignored; ``[etcd]`` is
+read only for the manager's Redis when there is no ``[redis]``.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class Config:
     cors_allow_credentials: bool = True
     # [redis] (storage.events.settings.RedisSettings): the manager's event bus; None: no events
     redis: Any = None
+    # [etcd] (storage.events.settings.EtcdSettings), only without [redis]: Redis from etcd's config/redis
+    etcd: Any = None
     # [storage-proxy] state-dir: the daemon's own durable state (the event outbox);
     # None: <first volume>/.storage-proxy/state/<node-id> (storage.events.outbox)
     state_dir: Path | None = None
@@ -302,7 +305,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         raise ConfigError("[logging] level", f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}")
     max_body = parse_size(sp.get("max-manager-body-size", "1m"), f"{k} max-manager-body-size")
     from storage.artifact_config import parse_artifact_config
-    from storage.events.settings import parse_redis
+    from storage.events.settings import parse_etcd, parse_redis
 
     state_dir = _str(sp, "state-dir", f"{k} state-dir")
 
@@ -329,6 +332,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         log_level=level,
         artifacts=parse_artifact_config(root),
         redis=parse_redis(root),
+        etcd=parse_etcd(root),
         state_dir=Path(state_dir) if state_dir else None,
         source=source,
         cors_allowed_origins=_origins(root),

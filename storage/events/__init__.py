@@ -3,7 +3,8 @@
 One job per module:
 
 * ``encoding`` -- the events and their wire encodings (26.9 / 26.8 / 26.4);
-* ``settings`` -- the ``[redis]`` table;
+* ``settings`` -- the ``[redis]`` (or ``[etcd]``) table;
+* ``etcd`` -- ``config/redis`` read from etcd's v3 JSON gateway (treq);
 * ``link`` -- the txredisapi connection (lazy, reconnects with backoff);
 * ``outbox`` -- the durable on-disk outbox (at-least-once);
 * ``delivery`` -- the ordered queue and pump (a service);
@@ -28,8 +29,10 @@ class EventBus:
 
 
 def make_event_bus(config: Any, pool: Any, reactor: Any) -> EventBus | None:
-    """The event bus for ``config.redis``, or None when there is none."""
-    if getattr(config, "redis", None) is None:
+    """The event bus for ``config.redis`` (or the Redis that ``config.etcd`` names), or None."""
+    redis: Any = getattr(config, "redis", None)
+    etcd: Any = getattr(config, "etcd", None)
+    if redis is None and etcd is None:
         return None
     from storage.events import journal as j
     from storage.events.delivery import Delivery
@@ -39,6 +42,15 @@ def make_event_bus(config: Any, pool: Any, reactor: Any) -> EventBus | None:
 
     state = default_state_dir(config)
     outbox = Outbox(state / FILE_NAME, pool)
-    delivery = Delivery(RedisLink(config.redis), outbox, config.redis.event_format, reactor)
+    if redis is not None:
+        delivery = Delivery(RedisLink(redis), outbox, redis.event_format, reactor)
+    else:
+        from storage.events.etcd import read_redis_tree
+        from storage.events.settings import redis_from_etcd
+
+        async def resolve() -> Any:
+            return redis_from_etcd(await read_redis_tree(etcd), etcd.event_format)
+
+        delivery = Delivery(RedisLink(None), outbox, etcd.event_format, reactor, resolve=resolve)
     journal = j.TaskJournal(state / j.FILE_NAME, pool)
     return EventBus(delivery, EventPublisher(delivery, reactor, journal), journal, j.JournalService(journal))

@@ -44,8 +44,12 @@ class Delivery(Service):
     warn_after = 1.0  # seconds of outage before it is logged
     flush_timeout = 3.0  # at stop: how long the pump may go on sending
 
-    def __init__(self, link: RedisLink, outbox: Outbox, event_format: str, reactor: Any) -> None:
+    def __init__(self, link: RedisLink, outbox: Outbox, event_format: str, reactor: Any,
+                 resolve: Any = None) -> None:
+        """``resolve``: an async callable returning the RedisSettings when ``link`` has none (etcd)."""
         self.link = link
+        self.resolve = resolve
+        self._resolving: Deferred[None] | None = None
         self.outbox = outbox
         self.event_format = event_format
         self.reactor = reactor
@@ -65,12 +69,41 @@ class Delivery(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.link.open()
-        log.info("event bus: publishing to {where}; outbox {path}",
-                 where=self.link.settings.describe(), path=str(self.outbox.path))
+        if self.link.settings is not None:
+            self._open_link()
+        elif self.resolve is not None:
+            self._resolving = Deferred.fromCoroutine(self._resolve())
         self._loaded = Deferred.fromCoroutine(self._load())
         self._pump = Deferred.fromCoroutine(self._run())
         self._pump.addErrback(lambda f: None if f.check(CancelledError) else log.failure("event pump died", f))
+
+    def _open_link(self) -> None:
+        assert self.link.settings is not None
+        self.event_format = self.link.settings.event_format
+        self.link.open()
+        log.info("event bus: publishing to {where}; outbox {path}",
+                 where=self.link.settings.describe(), path=str(self.outbox.path))
+
+    async def _resolve(self) -> None:
+        """Ask for the Redis settings (etcd) until they come; events wait in the outbox meanwhile."""
+        assert self.resolve is not None
+        delay, warned = 0.5, False
+        self.link.note_down("waiting for the Redis settings from etcd")
+        while self.running:
+            try:
+                self.link.settings = await self.resolve()
+            except Exception as exc:
+                self.link.note_down(f"cannot read the Redis settings from etcd: {exc}")
+                if not warned:
+                    warned = True
+                    log.warn("event bus: cannot read the Redis settings from etcd ({exc}); retrying with backoff",
+                             exc=exc)
+                await deferLater(self.reactor, delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            if self.running:
+                self._open_link()
+            return
 
     async def _load(self) -> None:
         try:
@@ -106,6 +139,8 @@ class Delivery(Service):
                      n=len(self._queue), d=durable)
         if self._pump is not None:
             self._pump.cancel()
+        if self._resolving is not None and not self._resolving.called:
+            self._resolving.cancel()
         await ensureDeferred(self.outbox.close())
         closing = self.link.close()
         if closing is not None:

@@ -30,8 +30,8 @@ class RedisLink:
     initial_delay = 0.5
     max_delay = 2.0
 
-    def __init__(self, settings: RedisSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: RedisSettings | None) -> None:
+        self.settings = settings  # None until read from etcd (open() waits for it)
         self._handler: Any = None
         self._sentinel: Any = None
         self.last_error: str | None = "not connected yet"
@@ -39,6 +39,7 @@ class RedisLink:
 
     def open(self) -> None:
         s = self.settings
+        assert s is not None
         if s.sentinel:
             self._sentinel = txredisapi.Sentinel(
                 list(s.sentinel), password=s.sentinel_password or s.password,
@@ -58,6 +59,7 @@ class RedisLink:
         factory.maxDelay = self.max_delay
 
     def _tls(self) -> Any:
+        assert self.settings is not None
         if not self.settings.use_tls:
             return False
         from twisted.internet import ssl

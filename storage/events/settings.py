@@ -144,3 +144,63 @@ def parse_redis(root: dict[str, Any]) -> RedisSettings | None:
         request_timeout=request_timeout,
         event_format=str(fmt),
     )
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    """Upstream's ``[etcd]`` table, read only when there is no ``[redis]``: Redis from ``config/redis``."""
+
+    namespace: str = "local"
+    host: str = "127.0.0.1"
+    port: int = 2379
+    user: str | None = None
+    password: str | None = None
+    event_format: str = DEFAULT_FORMAT  # ours: [etcd] event-format
+
+    def describe(self) -> str:
+        return f"etcd {self.host}:{self.port} namespace {self.namespace}"
+
+
+def parse_etcd(root: dict[str, Any]) -> EtcdSettings | None:
+    raw = root.get("etcd")
+    if raw is None or root.get("redis") is not None:
+        return None
+    from storage.config import ConfigError
+
+    if not isinstance(raw, dict):
+        raise ConfigError("[etcd]", f"expected a table, got {type(raw).__name__}")
+    table = {k.replace("_", "-"): v for k, v in raw.items()}
+    namespace = table.get("namespace", "local")
+    if not isinstance(namespace, str) or not namespace:
+        raise ConfigError("[etcd] namespace", f"expected a name, got {namespace!r}")
+    addr = table.get("addr", "127.0.0.1:2379")
+    if isinstance(addr, list):  # upstream also allows a list of endpoints: the first one
+        addr = addr[0] if addr else "127.0.0.1:2379"
+    try:
+        host, port = _host_port(addr, "addr")
+    except ConfigError as exc:
+        raise ConfigError("[etcd] addr", exc.problem) from None
+    user = table.get("user") or None
+    password = table.get("password") or None
+    for key, value in (("user", user), ("password", password)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"[etcd] {key}", f"expected a string, got {value!r}")
+    fmt = table.get("event-format", DEFAULT_FORMAT)
+    fmt = str(fmt) if isinstance(fmt, (int, float)) and not isinstance(fmt, bool) else fmt
+    if fmt not in FORMATS:
+        raise ConfigError("[etcd] event-format", f"expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    return EtcdSettings(namespace, host, port, user, password, str(fmt))
+
+
+def redis_from_etcd(tree: dict[str, Any], event_format: str) -> RedisSettings:
+    """``config/redis`` as etcd holds it (a nested dict of strings) as RedisSettings."""
+    table = {k: v for k, v in tree.items() if isinstance(k, str)}
+    for key in ("use_tls", "use-tls", "tls_skip_verify", "tls-skip-verify"):
+        if isinstance(table.get(key), str):
+            table[key] = table[key].strip().lower() in ("true", "1", "yes")
+    if isinstance(table.get("request_timeout"), str):
+        table["request_timeout"] = float(table["request_timeout"])
+    table["event-format"] = event_format
+    settings = parse_redis({"redis": table})
+    assert settings is not None
+    return settings

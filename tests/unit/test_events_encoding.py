@@ -170,3 +170,35 @@ def test_state_dir_key(tmp_path) -> None:
     root = minimal()
     root["storage-proxy"]["state-dir"] = str(tmp_path)
     assert parse_config(root).state_dir == tmp_path
+
+
+# -- [etcd] ---------------------------------------------------------------------
+
+
+def test_etcd_table_only_counts_without_redis() -> None:
+    from storage.events.settings import parse_etcd
+
+    root = minimal()
+    root["etcd"] = {"namespace": "prod", "addr": {"host": "etcd.example", "port": 2379}, "user": "u",
+                    "password": "p"}
+    e = parse_config(root).etcd
+    assert (e.namespace, e.host, e.port, e.user, e.password, e.event_format) == (
+        "prod", "etcd.example", 2379, "u", "p", "26.9")
+    root["redis"] = {"addr": "r:6379"}
+    assert parse_etcd(root) is None
+    with pytest.raises(ConfigError) as info:
+        parse_config(minimal() | {"etcd": {"addr": "nohost"}})
+    assert info.value.key == "[etcd] addr"
+
+
+def test_etcd_keys_nest_as_upstream() -> None:
+    from storage.events.etcd import nest
+    from storage.events.settings import redis_from_etcd
+
+    prefix = "/sorna/local/config/redis/"
+    tree = nest(prefix, [(prefix + "addr", "r:6380"), (prefix + "redis_helper_config/socket_timeout", "5"),
+                         (prefix + "service%2Fname", "x"), (prefix + "use_tls", "true")])
+    assert tree == {"addr": "r:6380", "redis_helper_config": {"socket_timeout": "5"}, "service/name": "x",
+                    "use_tls": "true"}
+    settings = redis_from_etcd(tree, "26.4")
+    assert (settings.host, settings.port, settings.use_tls, settings.event_format) == ("r", 6380, True, "26.4")
