@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, ensureDeferred
 from twisted.logger import Logger
 from twisted.python import threadable
 
@@ -77,6 +77,8 @@ class BackgroundTask:
     deferred: Deferred[Any] | None = None
     context: dict[str, Any] = field(default_factory=dict)
     exception: BaseException | None = field(default=None, repr=False)  # why it failed (listeners)
+    interrupted: bool = False  # cancelled because the daemon stops (a journal resumes it at the next start)
+    recorded: Deferred[Any] | None = field(default=None, repr=False)  # listeners' durable records of the start
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -96,7 +98,7 @@ class BackgroundTask:
 
 
 class TaskListener(Protocol):
-    def task_started(self, task: BackgroundTask) -> None: ...
+    def task_started(self, task: BackgroundTask) -> Any: ...  # may return a Deferred (task.recorded)
 
     def task_progress(self, task: BackgroundTask) -> None: ...
 
@@ -116,13 +118,18 @@ class BackgroundTaskRegistry:
     def remove_listener(self, listener: TaskListener) -> None:
         self._listeners.remove(listener)
 
-    def _notify(self, hook: str, task: BackgroundTask) -> None:
+    def _notify(self, hook: str, task: BackgroundTask) -> list[Deferred[Any]]:
+        waits: list[Deferred[Any]] = []
         for listener in list(self._listeners):
             try:
-                getattr(listener, hook)(task)
+                result = getattr(listener, hook)(task)
             except Exception:
                 log.failure("background task listener {listener!r} failed in {hook} ({task_id})",
                             listener=listener, hook=hook, task_id=task.task_id)
+                continue
+            if isinstance(result, Deferred):
+                waits.append(result)
+        return waits
 
     def start(self, name: str, fn: Callable[[Progress], Coroutine[Any, Any, Any]], *,
               task_id: uuid.UUID | None = None, **context: Any) -> BackgroundTask:
@@ -149,7 +156,10 @@ class BackgroundTaskRegistry:
                 self._notify("task_progress", task)
 
         task.progress.on_change = progressed
-        self._notify("task_started", task)
+        # A listener may return a Deferred (a journal's fsync): ``task.recorded``
+        # fires once all have, so an API can answer only when the task is on disk.
+        waits = self._notify("task_started", task)
+        task.recorded = DeferredList(waits, consumeErrors=True) if waits else None
         d: Deferred[Any] = ensureDeferred(fn(task.progress))
         task.deferred = d
 
@@ -184,10 +194,12 @@ class BackgroundTaskRegistry:
     def get(self, task_id: uuid.UUID) -> BackgroundTask | None:
         return self._tasks.get(task_id)
 
-    def cancel(self, task_id: uuid.UUID) -> BackgroundTask | None:
+    def cancel(self, task_id: uuid.UUID, *, interrupted: bool = False) -> BackgroundTask | None:
+        """Ask a running task to stop; ``interrupted``: because the daemon stops (not a user's cancel)."""
         task = self._tasks.get(task_id)
         if task is not None and task.status == "running":
             task.progress.cancelled = True
+            task.interrupted = interrupted
         return task
 
     def all(self) -> list[BackgroundTask]:

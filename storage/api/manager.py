@@ -254,7 +254,7 @@ class BackgroundTaskService(Service):
         if not running:
             return None
         for task in running:
-            self.bgtasks.cancel(task.task_id)
+            self.bgtasks.cancel(task.task_id, interrupted=True)
         waits = [t.deferred for t in running if t.deferred is not None]
         done: Deferred[Any] = DeferredList(waits, consumeErrors=True)
         timer = self.reactor.callLater(self.grace, lambda: done.cancel())
@@ -500,6 +500,7 @@ class ManagerAPI:
 
         context = {"volume": volume.name, "vfid": str(vfid)}
         task = self.bgtasks.start("delete-vfolder", self.task_runner("delete-vfolder", context), **context)
+        await self._recorded(task)
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
 
     @api_route("/folder/clone", "POST")
@@ -533,6 +534,7 @@ class ManagerAPI:
             "clone-vfolder", run, volume=src_name, dst_volume=dst_name,
             src_vfid=str(src_vfid), dst_vfid=str(dst_vfid),
         )
+        await self._recorded(task)
         return json_body(request, {"bgtask_id": str(task.task_id)})
 
     @api_route("/folder/mount", "GET")
@@ -766,9 +768,28 @@ class ManagerAPI:
 
         context = {"volume": volume.name, "vfid": str(vfid), "relpaths": list(relpaths), "recursive": recursive}
         task = self.bgtasks.start("delete-files", self.task_runner("delete-files", context), **context)
+        await self._recorded(task)
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
 
     # -- background tasks (ours; upstream reports them on its event bus) ----
+
+    async def _recorded(self, task: Any) -> None:
+        """Answer only once the task's start is on disk (the journal), so a kill right after the
+        answer still resumes it; bounded, so a stuck disk delays the answer by 5 s at most."""
+        if task.recorded is None:
+            return
+        view: Deferred[None] = Deferred()
+
+        def release(_: Any = None) -> Any:
+            if not view.called:
+                view.callback(None)
+            return _
+
+        timer = self.reactor.callLater(5.0, release)
+        task.recorded.addBoth(release)
+        await view
+        if timer.active():
+            timer.cancel()
 
     def task_runner(self, name: str, context: dict[str, Any], *, resumed: bool = False) -> Any:
         """The body of a background task, from its name and context (also for one a killed daemon left).

@@ -14,6 +14,10 @@ For every task (``delete-vfolder``, ``clone-vfolder``, ``delete-files``):
 
 The vfolder and terminal events are durable (outbox); progress is not.
 
+A task the daemon's stop interrupts sends nothing yet: the journal resumes it
+at the next start (as upstream revives its retriable tasks), and that run
+sends the events.
+
 One deliberate difference: upstream sends no vfolder event for a cancelled
 delete or clone (the manager's vfolder then stays ``DELETE_ONGOING`` or
 ``CLONING`` for ever).  Here a cancelled task ends with the failure event,
@@ -105,12 +109,15 @@ class EventPublisher:
         self._last_progress: dict[uuid.UUID, float] = {}
         self._trailing: dict[uuid.UUID, Any] = {}
 
-    def task_started(self, task: BackgroundTask) -> None:
-        if self.journal is not None:
-            d = Deferred.fromCoroutine(self.journal.started(str(task.task_id), task.name, task.context))
-            d.addErrback(lambda f: log.failure("task journal: cannot record {task_id}", f, task_id=task.task_id))
+    def task_started(self, task: BackgroundTask) -> Deferred[None] | None:
+        """Returns the journal write (the registry's ``task.recorded`` waits for it)."""
         self._last_progress[task.task_id] = time.monotonic()
         self.delivery.publish([enc.bgtask_updated(str(task.task_id), 0, 0, MSG_STARTED)], durable=False)
+        if self.journal is None:
+            return None
+        d = Deferred.fromCoroutine(self.journal.started(str(task.task_id), task.name, task.context))
+        d.addErrback(lambda f: log.failure("task journal: cannot record {task_id}", f, task_id=task.task_id))
+        return d
 
     def task_progress(self, task: BackgroundTask) -> None:
         tid = task.task_id
@@ -135,6 +142,11 @@ class EventPublisher:
         trailing = self._trailing.pop(task.task_id, None)
         if trailing is not None and trailing.active():
             trailing.cancel()
+        if task.interrupted and task.status == "cancelled" and self.journal is not None:
+            # Stopped with the daemon: no end yet; the journal resumes it at the next start.
+            log.info("background task {name} {task_id} interrupted by the stop; resumed at the next start",
+                     name=task.name, task_id=task.task_id)
+            return
         self.delivery.publish([progress_event(task)], durable=False)
         durable = [e for e in (vfolder_event(task), terminal_event(task)) if e is not None]
         d = self.delivery.publish(durable)

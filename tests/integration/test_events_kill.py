@@ -170,3 +170,28 @@ def test_a_task_that_keeps_killing_the_daemon_is_given_up(storage_proxy_factory:
     with redis_server.client() as c:
         [entry] = stream_entries(c)
     assert entry[b"name"] == b"vfolder_deletion_failure"
+
+
+def test_sigterm_during_delete_resumes_it_at_the_next_start(storage_proxy_factory: Any, redis_server: RedisServer,
+                                                            tmp_path: Path) -> None:
+    daemon = start(storage_proxy_factory, redis_server, tmp_path / "state")
+    vfid = new_vfid()
+    path = create_vfolder(daemon, vfid, files=0)
+    fill(path)
+    status, body = manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": vfid})
+    task_id = body["bgtask_id"]
+    deadline = time.monotonic() + 10
+    while bgtask(daemon, task_id)["progress"]["current"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if bgtask(daemon, task_id)["status"] != "running":
+        pytest.skip("the delete finished before the stop (a fast disk)")
+    daemon.stop()  # SIGTERM: the running delete is interrupted, not failed
+    assert "interrupted by the stop" in daemon.log
+    assert path.exists()
+    assert terminal(redis_server, task_id) is None  # no bgtask_cancelled, no failure
+    daemon.start()
+    done = wait_for(lambda: terminal(redis_server, task_id), timeout=20, what="the resumed delete's end")
+    assert done["name"] == "bgtask_done"
+    assert not path.exists()
+    with redis_server.client() as c:
+        assert [e[b"name"] for e in stream_entries(c)] == [b"vfolder_deletion_success"]

@@ -284,3 +284,17 @@ def test_a_burst_of_200_deletes_while_a_consumer_reads(storage_proxy_factory: An
     with redis_server.client() as c:
         length = c.command("XLEN", "events")
     assert 128 <= length < 200  # trimmed as upstream trims it (MAXLEN ~ 128)
+
+
+def test_redis_flushed_between_tasks(storage_proxy_factory: Any, redis_server: RedisServer) -> None:
+    daemon = daemon_with_redis(storage_proxy_factory, redis_server)
+    first, second = new_vfid(), new_vfid()
+    for vfid in (first, second):
+        create_vfolder(daemon, vfid)
+    assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": first})[0] == 202
+    with redis_server.client() as c:
+        wait_for(lambda: stream_entries(c), what="the first event")
+        assert c.command("FLUSHALL") == b"OK"
+        assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": second})[0] == 202
+        [entry] = wait_for(lambda: stream_entries(c), what="the event after the flush")
+    assert json.loads(entry[b"payload"]) == {"vfid": second}

@@ -137,3 +137,32 @@ async def test_progress_from_a_pool_thread_reaches_listeners_on_the_reactor():
     await t.deferred
     assert seen and all(seen)
     assert len(seen) < 10  # hops are rate-limited, not one per entry
+
+
+@pytest_twisted.ensureDeferred
+async def test_recorded_waits_for_the_listeners_deferreds_and_cancel_marks_interruption():
+    registry = BackgroundTaskRegistry()
+    journal_write = defer.Deferred()
+
+    class Journal(Recorder):
+        def task_started(self, t):
+            return journal_write
+
+    registry.add_listener(Journal())
+    gate = defer.Deferred()
+
+    async def work(progress):
+        await gate
+        progress.check()
+
+    t = registry.start("delete-vfolder", work)
+    assert t.recorded is not None and not t.recorded.called
+    journal_write.callback(None)
+    assert t.recorded.called
+    registry.cancel(t.task_id, interrupted=True)
+    gate.callback(None)
+    await t.deferred
+    assert t.status == "cancelled" and t.interrupted
+    assert registry.start("x", work).recorded is not None  # only listeners that return one
+    plain = BackgroundTaskRegistry().start("y", work)
+    assert plain.recorded is None and not plain.interrupted
