@@ -276,6 +276,7 @@ class ManagerAPI:
         self.artifacts = ArtifactStorages(getattr(config, "artifacts", None), getattr(config, "io_threads", 16))
         artifact_config = getattr(config, "artifacts", None)
         self.hf_registries = HuggingFaceRegistries(artifact_config.registries if artifact_config else None)
+        self.hf_parallel = 4  # files of one model downloaded at once
 
     def services(self) -> list[Any]:
         return [

@@ -22,7 +22,8 @@ from storage.api.manager import ManagerAPI, api_route
 from storage.api.params import Field
 from storage.api.problems import json_body
 from storage.artifacts.huggingface import DEFAULT_REVISION, SORT_KEYS
-from storage.errors import InvalidAPIParameters
+from storage.errors import InvalidAPIParameters, StorageError, UnsupportedOperation
+from storage.paths import validate_relpath
 
 HF = "/v1/registries/huggingface"
 
@@ -97,3 +98,69 @@ async def hf_retrieve_models(self: ManagerAPI, request: IRequest) -> bytes:
         return [client.model_basic(m["model_id"], m["revision"]) for m in args["models"]]
 
     return json_body(request, {"models": await self.pool.run(retrieve)})
+
+
+# -- import ------------------------------------------------------------------------
+
+
+def _step_storage(args: dict[str, Any], step: str) -> str | None:
+    """The storage name of an import step: ``storage_step_target_mappings`` first, as upstream."""
+    targets = args.get("storage_step_target_mappings") or {}
+    target = targets.get(step)
+    if target is not None:
+        if isinstance(target, dict) and isinstance(target.get("storage_name"), str):
+            return str(target["storage_name"])
+        if isinstance(target, dict) and "vfolder_id" in target:
+            raise UnsupportedOperation("importing into a vfolder (vfolder_id/volume_name) is not supported yet")
+        raise InvalidAPIParameters.field("storage_step_target_mappings", f"{step}: expected {{storage_name}}")
+    names = args.get("storage_step_mappings") or {}
+    name = names.get(step)
+    if name is not None and not isinstance(name, str):
+        raise InvalidAPIParameters.field("storage_step_mappings", f"{step}: expected a storage name")
+    return name
+
+
+def _prefix(value: Any) -> str | None:
+    if value is None or value == "/":
+        return value
+    text = p.string(value)
+    try:
+        validate_relpath(text.strip("/"), "storage_prefix")
+    except StorageError as exc:
+        raise p.ParamError(str(exc.msg or exc).split(": ", 1)[-1]) from None
+    return text
+
+
+class StorageStepNotProvided(StorageError):
+    status = 400
+    problem = "step-mapping-not-provided"
+    title = "Storage Step Mapping Not Provided"
+    error_code = "storage_setup_invalid-parameters"
+
+
+@api_route(HF + "/import", "POST", name=HF + "/import")
+async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
+    from storage.artifacts.hfimport import Importer, import_models
+
+    args = self._params(
+        request, Field("registry_name", p.string), Field("models", model_targets),
+        Field("storage_step_mappings", p.nullable(p.mapping), None),
+        Field("storage_step_target_mappings", p.nullable(p.mapping), None),
+        Field("storage_prefix", _prefix, None), allow_extra=True)
+    client = self.hf_registries.get(args["registry_name"])
+    download = _step_storage(args, "download")
+    if download is None:
+        raise StorageStepNotProvided("no storage mapping provided for the download step")
+    archive = _step_storage(args, "archive")
+    if archive is not None and archive != download:
+        raise UnsupportedOperation("an archive step into another storage than the download's is not supported yet")
+    if download in self.artifacts.object_storages:
+        raise UnsupportedOperation("importing into an object storage is not supported yet (VFS storages only)")
+    storage = self.artifacts.get_vfs(download)
+    importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel)
+    models, prefix = args["models"], args["storage_prefix"]
+    task = self.bgtasks.start(
+        "huggingface-import", lambda progress: import_models(progress, importer, models, prefix),
+        registry_name=args["registry_name"], registry_type="huggingface", storage=download,
+        models=[dict(m) for m in models])
+    return json_body(request, {"task_id": str(task.task_id)}, 202)

@@ -222,3 +222,127 @@ def test_unreachable_hub_is_a_problem(proxy: tuple[StorageProxyProcess, Path]) -
     assert body["error_code"] == "artifact-registry_request_unreachable"
     # (scan and the file listing fail the same way, after huggingface_hub's own
     # retries of paginated calls: ~23 s, too slow for this suite)
+
+
+# -- import ------------------------------------------------------------------------
+
+ALL_STEPS = {step: {"storage_name": "models"} for step in ("download", "verify", "archive")}
+
+
+def run_import(daemon: StorageProxyProcess, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    status, _, answer = call(daemon, "POST", f"{HF}/import", body)
+    assert status == 202, answer
+    task_id = answer["task_id"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, _, task = call(daemon, "GET", f"/bgtask/{task_id}")
+        assert status == 200, task
+        if task["status"] != "running":
+            return task
+        time.sleep(0.05)
+    raise AssertionError(f"import {task_id} still running after {timeout}s: {task}")
+
+
+def stored(base: Path, prefix: str) -> dict[str, bytes]:
+    root = base / prefix
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_import_writes_every_file_verified_then_skips_them(proxy: tuple[StorageProxyProcess, Path],
+                                                            hub: HubServer) -> None:
+    daemon, base = proxy
+    before = hub.get("/_stats")
+    task = run_import(daemon, {"registry_name": "hf", "models": [{"model_id": MODEL, "revision": "main"}],
+                               "storage_step_target_mappings": ALL_STEPS})
+    assert task["status"] == "done", task
+    files = hub.content[f"{MODEL}@main"]
+    assert stored(base, f"{MODEL}/main") == files  # upstream's default key: {model_id}/{revision}/{path}
+    assert task["progress"]["current"] == task["progress"]["total"] == sum(len(d) for d in files.values())
+    [result] = task["result"]["models"]
+    assert result["success"] and result["files"] == len(files) and result["skipped"] == 0
+    assert result["commit_hash"] == call(daemon, "GET", model_path(MODEL, "/commit-hash", registry_name="hf"))[2][
+        "commit_hash"]
+
+    middle = hub.get("/_stats")
+    assert all(middle[p]["gets"] == before.get(p, {}).get("gets", 0) + 1 for p in files)
+    # Again: everything is there and verified, nothing is downloaded.
+    task = run_import(daemon, {"registry_name": "hf", "models": [{"model_id": MODEL, "revision": "main"}],
+                               "storage_step_mappings": {"download": "models"}})
+    assert task["status"] == "done" and task["result"]["models"][0]["skipped"] == len(files), task
+    assert hub.get("/_stats") == middle
+
+
+def test_import_a_corrupted_file_again(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    body = {"registry_name": "hf", "models": [{"model_id": OTHER}], "storage_step_mappings": {"download": "models"},
+            "storage_prefix": "other"}
+    assert run_import(daemon, body)["status"] == "done"
+    target = base / "other" / "weights.bin"
+    data = target.read_bytes()
+    target.write_bytes(b"X" + data[1:])  # same size, other bytes: not verified, so fetched again
+    task = run_import(daemon, body)
+    assert task["status"] == "done" and task["result"]["models"][0]["skipped"] == 0, task
+    assert target.read_bytes() == data == hub.content[f"{OTHER}@main"]["weights.bin"]
+
+
+def test_import_survives_dropped_connections(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 1_000_000, "times": 2})
+    hub.post("/_faults", {"path": "shards/part-2.bin", "drop_after": 100_000, "times": 1})
+    before = hub.get("/_stats")
+    task = run_import(daemon, {"registry_name": "hf", "models": [{"model_id": MODEL, "revision": "main"}],
+                               "storage_step_mappings": {"download": "models"}, "storage_prefix": "dropped"})
+    assert task["status"] == "done", task
+    assert stored(base, "dropped") == hub.content[f"{MODEL}@main"]  # byte-identical after resuming
+    assert task["result"]["models"][0]["retries"] == 3
+    after = hub.get("/_stats")
+    # the retries asked for the rest only (Range), not the whole file again
+    assert after["model.safetensors"]["ranged"] - before["model.safetensors"]["ranged"] == 2
+    assert after["shards/part-2.bin"]["ranged"] - before["shards/part-2.bin"]["ranged"] == 1
+
+
+def test_import_resumes_a_staged_file(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    data = hub.content[f"{MODEL}@main"]["model.safetensors"]
+    sha = hashlib.sha256(data).hexdigest()
+    (base / "staged").mkdir()
+    (base / "staged" / f".model.safetensors.{sha[:16]}.part").write_bytes(data[:2_000_000])  # an earlier run's
+    before = hub.get("/_stats")["model.safetensors"]
+    task = run_import(daemon, {"registry_name": "hf", "models": [{"model_id": MODEL, "revision": "main"}],
+                               "storage_step_mappings": {"download": "models"}, "storage_prefix": "staged"})
+    assert task["status"] == "done", task
+    assert (base / "staged" / "model.safetensors").read_bytes() == data
+    assert not [p for p in (base / "staged").iterdir() if p.name.endswith(".part")]
+    after = hub.get("/_stats")["model.safetensors"]
+    assert after["ranged"] == before["ranged"] + 1 and after["gets"] == before["gets"] + 1
+
+
+def test_import_of_a_missing_model_fails_its_task(proxy: tuple[StorageProxyProcess, Path]) -> None:
+    daemon, base = proxy
+    task = run_import(daemon, {"registry_name": "hf", "storage_step_mappings": {"download": "models"},
+                               "models": [{"model_id": "acme/missing"}, {"model_id": OTHER}],
+                               "storage_prefix": "partial"})
+    assert task["status"] == "failed", task
+    models = task["error"]["data"]["models"]
+    assert [(m["model_id"], m["success"]) for m in models] == [("acme/missing", False), (OTHER, True)]
+    assert (base / "partial" / "weights.bin").exists()
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"registry_name": "nope", "models": [], "storage_step_mappings": {"download": "models"}}, 404,
+     "artifact-registry_read_not-found"),
+    ({"registry_name": "hf", "models": [{"model_id": MODEL}]}, 400, "storage_setup_invalid-parameters"),
+    ({"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "nowhere"}}, 404,
+     "storage_read_not-found"),
+    ({"registry_name": "hf", "models": [{"revision": "main"}], "storage_step_mappings": {"download": "models"}}, 400,
+     None),
+    ({"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
+      "storage_prefix": "../out"}, 400, None),
+])
+def test_import_refuses(proxy: tuple[StorageProxyProcess, Path], body: dict[str, Any], status: int,
+                        code: str | None) -> None:
+    daemon, _ = proxy
+    got, headers, answer = call(daemon, "POST", f"{HF}/import", body)
+    assert got == status and headers["content-type"] == "application/problem+json", answer
+    if code:
+        assert answer["error_code"] == code

@@ -1,0 +1,487 @@
+"""Importing HuggingFace model revisions into a VFS artifact storage (a background task; no routes).
+
+For each requested model revision, in order (as upstream): the hub's tree
+listing (in the pool) names every file with its size and hash; then up to
+``parallel`` files download at once, each:
+
+* skipped when the destination already holds it, verified (a re-import, or a
+  file finished before an interruption);
+* else written into a staging file beside the destination,
+  ``.NAME.<etag prefix>.part`` (hidden from listings), whose name depends only
+  on the file's hash, so an interrupted import -- a dropped connection, a
+  cancelled task, a restarted daemon -- resumes from the bytes already there
+  with ``Range: bytes=N-``;
+* verified before it is renamed into place: its size, and its sha256 (LFS
+  files) or git blob id (others) against the listing, and the ``X-Linked-Etag``
+  / ``ETag`` of the download against the same value (a file changed on the hub
+  mid-import is refused, not mixed).
+
+Downloads use treq on the reactor (nothing blocks it); writes, hashing and
+renames run in the pool, with the connection paused while more than
+``HIGH_WATER`` bytes wait to be written.  A dropped connection is retried
+from its offset (``max_retries`` times per file, with backoff).
+
+The destination key is upstream's: ``{model_id}/{revision}/{path}``, or
+``{storage_prefix}/{path}``, or ``{path}`` for a prefix of ``/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat as stat_module
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore, succeed
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from storage.artifacts.huggingface import (
+    ArtifactVerificationFailed,
+    HubClient,
+    HubFile,
+    HuggingFaceAPIError,
+)
+from storage.artifacts.vfs import PART_SUFFIX, VFSArtifactStorage, _open_dirs_beneath
+from storage.bgtasks import Progress, TaskCancelled
+from storage.errors import InsufficientStorage, InvalidAPIParameters, StorageError
+from storage.paths import open_root, validate_relpath
+
+log = Logger()
+
+HIGH_WATER = 8 << 20  # bytes waiting for the pool before the connection is paused
+LOW_WATER = 2 << 20
+WRITE_BATCH = 1 << 20  # bytes gathered per pool write
+HASH_CHUNK = 1 << 20
+
+
+def storage_key(model_id: str, revision: str, path: str, prefix: str | None) -> str:
+    if prefix is None:
+        return f"{model_id}/{revision}/{path}"
+    if prefix == "/":
+        return path
+    return f"{prefix.strip('/')}/{path}"
+
+
+def _etag(value: bytes | None) -> str | None:
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.startswith("W/"):
+        text = text[2:]
+    return text.strip('"') or None
+
+
+class _Digest:
+    """The hash a file is checked against: sha256 of the bytes (LFS) or its git blob id."""
+
+    def __init__(self, f: HubFile) -> None:
+        self.file = f
+        if f.sha256:
+            self.h = hashlib.sha256()
+        else:
+            self.h = hashlib.sha1()
+            self.h.update(b"blob %d\0" % f.size)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self.h.update(data)
+
+    def matches(self) -> bool:
+        return self.h.hexdigest() == self.file.expected_etag
+
+
+class VFSTarget:
+    """One file's destination in a VFS storage.  Every method blocks (pool)."""
+
+    def __init__(self, storage: VFSArtifactStorage, key: str, f: HubFile) -> None:
+        self.storage = storage
+        self.file = f
+        rel = validate_relpath(key, "filepath")
+        if str(rel) in (".", ""):
+            raise InvalidAPIParameters.field("filepath", f"{key!r} names the storage root")
+        self.rel = PurePosixPath(rel)
+        self.part_name = f".{self.rel.name[:150]}.{f.expected_etag[:16]}{PART_SUFFIX}"
+        self.dir_fd = -1
+        self.fd = -1
+        self.offset = 0
+        self.digest = _Digest(f)
+
+    def open(self) -> bool:
+        """Open the staging file; True when the destination already holds the verified file."""
+        root_fd = open_root(self.storage.root)
+        try:
+            self.dir_fd = _open_dirs_beneath(root_fd, self.rel.parent)
+        finally:
+            os.close(root_fd)
+        if self._final_is_verified():
+            self.close()
+            return True
+        try:
+            self.fd = os.open(self.part_name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
+                              dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise _space(exc) from exc
+        size = os.fstat(self.fd).st_size
+        if size > self.file.size:
+            os.ftruncate(self.fd, 0)
+            size = 0
+        self._hash_prefix(size)
+        return False
+
+    def _final_is_verified(self) -> bool:
+        try:
+            fd = os.open(self.rel.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except (FileNotFoundError, OSError):
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode) or st.st_size != self.file.size:
+                return False
+            digest = _Digest(self.file)
+            while chunk := os.read(fd, HASH_CHUNK):
+                digest.update(chunk)
+            return digest.matches()
+        finally:
+            os.close(fd)
+
+    def _hash_prefix(self, size: int) -> None:
+        """Resume: hash the bytes an earlier attempt left in the staging file."""
+        left, pos = size, 0
+        while left > 0:
+            chunk = os.pread(self.fd, min(HASH_CHUNK, left), pos)
+            if not chunk:
+                break
+            self.digest.update(chunk)
+            pos += len(chunk)
+            left -= len(chunk)
+        self.offset = pos
+        if pos != size:
+            os.ftruncate(self.fd, pos)
+
+    def restart(self) -> None:
+        """The server ignored our Range: start the file again."""
+        os.ftruncate(self.fd, 0)
+        self.offset = 0
+        self.digest = _Digest(self.file)
+
+    def write(self, data: bytes) -> None:
+        if self.offset + len(data) > self.file.size:
+            raise ArtifactVerificationFailed(f"{self.file.path}: the hub sent more than its {self.file.size} bytes")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, self.offset)
+                self.digest.update(view[:n])
+                self.offset += n
+                view = view[n:]
+        except OSError as exc:
+            raise _space(exc) from exc
+
+    def finish(self) -> None:
+        """Check size and hash, then rename the staging file over the destination."""
+        if self.offset != self.file.size:
+            raise ArtifactVerificationFailed(f"{self.file.path}: {self.offset} of {self.file.size} bytes")
+        if not self.digest.matches():
+            os.ftruncate(self.fd, 0)  # a resume would only repeat it: start clean
+            raise ArtifactVerificationFailed(
+                f"{self.file.path}: the bytes do not match the hub's {'sha256' if self.file.sha256 else 'blob id'} "
+                f"{self.file.expected_etag}")
+        os.fsync(self.fd)
+        try:
+            st = os.stat(self.rel.name, dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat_module.S_ISDIR(st.st_mode):
+            raise InvalidAPIParameters.field("filepath", f"{self.rel} is a directory in the storage")
+        os.rename(self.part_name, self.rel.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+        self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+def _space(exc: OSError) -> OSError | InsufficientStorage:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(exc.strerror or "no space left", errno=exc.errno)
+    return exc
+
+
+class _Interrupted(Exception):
+    """The body ended short (a dropped connection): retry from the offset."""
+
+
+class _BodySink(Protocol):
+    """Receives one response body and writes it through the pool, in order, with backpressure."""
+
+    def __init__(self, target: VFSTarget, pool: Any, progress: Progress) -> None:
+        self.target = target
+        self.pool = pool
+        self.progress = progress
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.pending = 0  # bytes handed to the pool, not yet written
+        self.chain: Deferred[None] = succeed(None)
+        self.paused = False
+        self.error: Failure | None = None
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        if self.progress.cancelled:
+            self.error = Failure(TaskCancelled())
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered >= WRITE_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        data = b"".join(self.buffer)
+        self.buffer, self.buffered = [], 0
+        self.pending += len(data)
+        if self.pending > HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+
+        def write(_: Any) -> Deferred[None]:
+            return self.pool.run(self.target.write, data)
+
+        def written(_: Any) -> None:
+            self.pending -= len(data)
+            self.progress.advance(len(data))
+            if self.paused and self.pending < LOW_WATER:
+                self.paused = False
+                try:
+                    self.transport.resumeProducing()  # type: ignore[union-attr]
+                except Exception:  # the connection is gone already
+                    pass
+
+        def failed(f: Failure) -> None:
+            self.pending -= len(data)
+            if self.error is None:
+                self.error = f
+                try:
+                    self.transport.stopProducing()  # type: ignore[union-attr]
+                except Exception:
+                    pass
+
+        self.chain.addCallback(write).addCallbacks(written, failed)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._flush()
+
+        def end(_: Any) -> None:
+            if self.error is not None:
+                self.done.errback(self.error)
+            elif reason.check(ResponseDone):
+                self.done.callback(None)
+            else:
+                self.done.errback(Failure(_Interrupted(reason.getErrorMessage())))
+
+        self.chain.addBoth(end)
+
+
+@dataclass
+class FileResult:
+    path: str
+    key: str
+    size: int
+    skipped: bool = False
+    retries: int = 0
+
+
+@dataclass
+class Importer:
+    """Downloads files of a hub into a VFS storage (one per import task)."""
+
+    client: HubClient
+    storage: VFSArtifactStorage
+    pool: Any
+    reactor: Any
+    parallel: int = 4
+    max_retries: int = 8
+    backoff: float = 0.5
+    treq: Any = None
+    commits: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.treq is None:
+            from treq.client import HTTPClient
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool.maxPersistentPerHost = max(self.parallel, 2)
+            self.treq = HTTPClient(Agent(self.reactor, pool=pool))
+
+    def _headers(self, offset: int) -> dict[bytes, list[bytes]]:
+        headers = {b"Accept-Encoding": [b"identity"], b"User-Agent": [b"storage-proxy"]}
+        if self.client.config.token:
+            headers[b"Authorization"] = [f"Bearer {self.client.config.token}".encode()]
+        if offset:
+            headers[b"Range"] = [f"bytes={offset}-".encode()]
+        return headers
+
+    async def _sleep(self, seconds: float) -> None:
+        d: Deferred[None] = Deferred()
+        call = self.reactor.callLater(seconds, d.callback, None)
+        try:
+            await d
+        finally:
+            if call.active():
+                call.cancel()
+
+    async def fetch(self, f: HubFile, key: str, progress: Progress) -> FileResult:
+        target = VFSTarget(self.storage, key, f)
+        if await self.pool.run(target.open):
+            progress.advance(f.size)
+            return FileResult(f.path, key, f.size, skipped=True)
+        result = FileResult(f.path, key, f.size)
+        try:
+            progress.advance(target.offset)
+            while True:
+                progress.check()
+                try:
+                    if target.offset < f.size:
+                        await self._get(f, target, progress)
+                    await self.pool.run(target.finish)
+                    return result
+                except _Interrupted as exc:
+                    result.retries += 1
+                    if result.retries > self.max_retries:
+                        raise HuggingFaceAPIError(
+                            f"{f.path}: the download kept failing at byte {target.offset} of {f.size}: {exc}"
+                        ) from None
+                    log.info("import: {path} interrupted at {offset}/{size} ({why}); retry {n}", path=f.path,
+                             offset=target.offset, size=f.size, why=str(exc), n=result.retries)
+                    await self._sleep(min(self.backoff * 2 ** (result.retries - 1), 10.0))
+        finally:
+            await self.pool.run(target.close)
+
+    async def _get(self, f: HubFile, target: VFSTarget, progress: Progress) -> None:
+        offset = target.offset
+        try:
+            response = await self.treq.get(f.url, headers=self._headers(offset), allow_redirects=True,
+                                           unbuffered=True, timeout=60)
+        except Exception as exc:  # refused, reset, timed out: the hub may come back
+            raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
+        code = response.code
+        headers = response.headers
+        if code == 416 and offset == f.size:
+            await _discard(response)
+            return
+        if code >= 500 or code == 429:
+            await _discard(response)
+            raise _Interrupted(f"HTTP {code}")
+        if code not in (200, 206):
+            await _discard(response)
+            raise HuggingFaceAPIError(f"{f.path}: the hub answered HTTP {code}")
+        tag = _etag(headers.getRawHeaders(b"X-Linked-Etag", [None])[0]) or _etag(
+            headers.getRawHeaders(b"ETag", [None])[0])
+        if tag is not None and tag != f.expected_etag:
+            await _discard(response)
+            raise ArtifactVerificationFailed(
+                f"{f.path}: the hub's etag {tag} is not the listed {f.expected_etag} (changed mid-import?)")
+        commit = headers.getRawHeaders(b"X-Repo-Commit", [None])[0]
+        if commit:
+            self.commits[f.url] = commit.decode("latin-1")
+        if offset and code == 200:
+            progress.advance(-offset)
+            await self.pool.run(target.restart)
+        elif code == 206:
+            content_range = (headers.getRawHeaders(b"Content-Range", [b""])[0] or b"").decode("latin-1")
+            if not content_range.startswith(f"bytes {offset}-"):
+                await _discard(response)
+                raise HuggingFaceAPIError(f"{f.path}: asked for bytes from {offset}, got {content_range!r}")
+        sink = _BodySink(target, self.pool, progress)
+        response.deliverBody(sink)
+        await sink.done
+
+
+async def _discard(response: Any) -> None:
+    try:
+        await response.content()
+    except Exception:
+        pass
+
+
+async def import_models(
+    progress: Progress, importer: Importer, models: list[dict[str, str]], prefix: str | None,
+) -> dict[str, Any]:
+    """The task: every model in turn, its files in parallel.  Fails if any model failed."""
+    client, pool = importer.client, importer.pool
+    listings: list[tuple[dict[str, str], list[HubFile] | None, str | None]] = []
+    for m in models:
+        try:
+            listings.append((m, await pool.run(client.files, m["model_id"], m["revision"]), None))
+        except StorageError as exc:
+            listings.append((m, None, str(exc)))
+    progress.total = sum(f.size for _, files, _ in listings for f in files or [])
+    progress.changed()
+    needed = progress.total
+    free = await pool.run(_free_bytes, importer.storage.root)
+    if free is not None and needed > free:
+        raise InsufficientStorage(f"the import needs {needed} bytes; the storage has {free} free")
+    results: list[dict[str, Any]] = []
+    for m, files, error in listings:
+        entry: dict[str, Any] = {"model_id": m["model_id"], "revision": m["revision"], "success": False}
+        results.append(entry)
+        if files is None:
+            entry["error"] = error
+            continue
+        progress.message = f"importing {m['model_id']}@{m['revision']} ({len(files)} files)"
+        progress.changed()
+        sem = DeferredSemaphore(max(importer.parallel, 1))
+        keys = [storage_key(m["model_id"], m["revision"], f.path, prefix) for f in files]
+        ds = [sem.run(importer.fetch, f, k, progress) for f, k in zip(files, keys, strict=True)]
+        outcome = await DeferredList(ds, consumeErrors=True)
+        failures: list[Failure] = [r for ok, r in outcome if not ok]  # type: ignore[misc]
+        for failure in failures:
+            if failure.check(TaskCancelled):
+                failure.raiseException()
+        done: list[FileResult] = [r for ok, r in outcome if ok]
+        entry.update(files=len(files), bytes=sum(f.size for f in files),
+                     skipped=sum(1 for r in done if r.skipped), retries=sum(r.retries for r in done))
+        commits = {importer.commits.get(f.url) for f in files} - {None}
+        entry["commit_hash"] = commits.pop() if len(commits) == 1 else None
+        if failures:
+            entry["error"] = "; ".join(str(f.value) for f in failures[:5])
+            for failure in failures:
+                if not failure.check(StorageError):
+                    log.failure("import of {model} failed", failure, model=m["model_id"])
+            continue
+        entry["success"] = True
+    failed = [r for r in results if not r["success"]]
+    if failed:
+        raise ImportFailed(f"{len(failed)} of {len(results)} models failed to import", data={"models": results})
+    return {"models": results}
+
+
+class ImportFailed(StorageError):
+    status = 502
+    problem = "registries/huggingface/import-failed"
+    title = "Model Import Failed"
+    error_code = "artifact_import_failed"
+    external = True
+
+
+def _free_bytes(root: str) -> int | None:
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
