@@ -74,6 +74,8 @@ class RegistryConfig:
     endpoint: str
     token: str | None = field(default=None, repr=False)
     download_chunk_size: int = 8192
+    # huggingface, ours: seconds a download may stall before it is retried from its offset
+    read_timeout: float = 60.0
     # reservoir only
     object_storage_access_key: str | None = field(default=None, repr=False)
     object_storage_secret_key: str | None = field(default=None, repr=False)
@@ -248,6 +250,7 @@ def _registry(name: str, kind: Any, t: _Table, type_key: str) -> RegistryConfig:
         return RegistryConfig(
             name=name, type=kind, endpoint=endpoint, token=t.string("token") or None,
             download_chunk_size=t_int(t, "download-chunk-size", 8192, 1),
+            read_timeout=float(t_int(t, "read-timeout", 60, 1)),
         )
     endpoint = _url(t, "endpoint", t.req("endpoint"))
     manager_endpoint = t.string("manager-endpoint")

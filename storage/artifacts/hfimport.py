@@ -224,10 +224,14 @@ class _Interrupted(Exception):
 class _BodySink(Protocol):
     """Receives one response body and writes it through the pool, in order, with backpressure."""
 
-    def __init__(self, target: VFSTarget, pool: Any, progress: Progress) -> None:
+    def __init__(self, target: VFSTarget, pool: Any, progress: Progress, reactor: Any, idle: float) -> None:
         self.target = target
         self.pool = pool
         self.progress = progress
+        self.reactor = reactor
+        self.idle = idle
+        self.timer: Any = None
+        self.stalled = False
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.pending = 0  # bytes handed to the pool, not yet written
@@ -236,9 +240,31 @@ class _BodySink(Protocol):
         self.error: Failure | None = None
         self.done: Deferred[None] = Deferred()
 
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        """(Re)start the stall timer; it does not run while we paused the connection."""
+        if self.timer is not None and self.timer.active():
+            self.timer.reset(self.idle)
+        else:
+            self.timer = self.reactor.callLater(self.idle, self._stall)
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _stall(self) -> None:
+        self.timer = None
+        self.stalled = True
+        self.transport.stopProducing()  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
         if self.error is not None:
             return
+        if not self.paused:
+            self._arm()
         if self.progress.cancelled:
             self.error = Failure(TaskCancelled())
             self.transport.stopProducing()  # type: ignore[union-attr]
@@ -256,6 +282,7 @@ class _BodySink(Protocol):
         self.pending += len(data)
         if self.pending > HIGH_WATER and not self.paused:
             self.paused = True
+            self._disarm()
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
         def write(_: Any) -> Deferred[None]:
@@ -267,6 +294,7 @@ class _BodySink(Protocol):
             if self.paused and self.pending < LOW_WATER:
                 self.paused = False
                 try:
+                    self._arm()
                     self.transport.resumeProducing()  # type: ignore[union-attr]
                 except Exception:  # the connection is gone already
                     pass
@@ -283,13 +311,18 @@ class _BodySink(Protocol):
         self.chain.addCallback(write).addCallbacks(written, failed)
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._disarm()
         self._flush()
+        if self.stalled:
+            reason = Failure(_Interrupted(f"no data for {self.idle:g} s"))
 
         def end(_: Any) -> None:
             if self.error is not None:
                 self.done.errback(self.error)
             elif reason.check(ResponseDone):
                 self.done.callback(None)
+            elif reason.check(_Interrupted):
+                self.done.errback(reason)
             else:
                 self.done.errback(Failure(_Interrupted(reason.getErrorMessage())))
 
@@ -407,7 +440,7 @@ class Importer:
             if not content_range.startswith(f"bytes {offset}-"):
                 await _discard(response)
                 raise HuggingFaceAPIError(f"{f.path}: asked for bytes from {offset}, got {content_range!r}")
-        sink = _BodySink(target, self.pool, progress)
+        sink = _BodySink(target, self.pool, progress, self.reactor, self.client.config.read_timeout)
         response.deliverBody(sink)
         await sink.done
 

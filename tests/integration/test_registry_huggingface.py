@@ -115,6 +115,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[
         "artifact-registries": {
             "hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}},
             "down": {"type": "huggingface", "huggingface": {"endpoint": "http://127.0.0.1:9"}},
+            "impatient": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "read-timeout": 1}},
         },
     }, extra_env={"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"})
     daemon.start()
@@ -346,3 +347,36 @@ def test_import_refuses(proxy: tuple[StorageProxyProcess, Path], body: dict[str,
     assert got == status and headers["content-type"] == "application/problem+json", answer
     if code:
         assert answer["error_code"] == code
+
+
+def test_import_retries_a_stalled_download(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    hub.post("/_faults", {"path": "shards/part-1.bin", "drop_after": 300_000, "times": 1, "stall": True})
+    task = run_import(daemon, {"registry_name": "impatient", "models": [{"model_id": MODEL}],
+                               "storage_step_mappings": {"download": "models"}, "storage_prefix": "stalled"})
+    assert task["status"] == "done", task
+    assert task["result"]["models"][0]["retries"] == 1
+    assert stored(base, "stalled") == hub.content[f"{MODEL}@main"]
+
+
+def test_import_resumes_after_the_daemon_is_killed(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    data = hub.content[f"{MODEL}@main"]["model.safetensors"]
+    staged = base / "killed" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
+    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 2_500_000, "times": 1, "stall": True})
+    body = {"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
+            "storage_prefix": "killed"}
+    status, _, answer = call(daemon, "POST", f"{HF}/import", body)
+    assert status == 202, answer
+    deadline = time.monotonic() + 20
+    while not (staged.exists() and staged.stat().st_size >= 2_000_000):  # the first 2 MiB batch written
+        assert time.monotonic() < deadline, "the import did not start writing"
+        time.sleep(0.02)
+    daemon.kill()  # SIGKILL mid-file
+    daemon.start()
+    before = hub.get("/_stats")["model.safetensors"]
+    task = run_import(daemon, body)
+    assert task["status"] == "done", task
+    assert stored(base, "killed") == hub.content[f"{MODEL}@main"]
+    after = hub.get("/_stats")["model.safetensors"]
+    assert after["ranged"] == before["ranged"] + 1  # resumed from the staged bytes, not from 0

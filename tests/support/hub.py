@@ -15,7 +15,8 @@ in a JSON manifest:
 
 Faults: ``POST /_faults`` ``{"path": "file.bin", "drop_after": N, "times": k}``
 makes the next ``k`` downloads of that file stop after ``N`` bytes of the body
-(the connection closes short of its Content-Length).  ``GET /_stats`` counts
+(the connection closes short of its Content-Length; with ``"stall": true`` it
+stays open and sends nothing more).  ``GET /_stats`` counts
 downloads and ranged requests per path.
 
 Manifest: ``{"org/name": {"author", "tags", "created", "modified", "downloads",
@@ -210,6 +211,8 @@ class Hub:
         if fault and fault["times"] > 0 and len(body) > fault["drop_after"]:
             fault["times"] -= 1
             request.write(body[:fault["drop_after"]])
+            if fault.get("stall"):
+                return Deferred()  # type: ignore[return-value]  # the rest never comes
             # Short of Content-Length.  (loseConnection waits for the channel, a
             # registered producer; the bytes written are flushed well within 0.1 s.)
             reactor.callLater(0.1, request.channel.transport.abortConnection)  # type: ignore[attr-defined]
@@ -219,7 +222,8 @@ class Hub:
     @app.route("/_faults", methods=["POST"])
     def set_fault(self, request: Any) -> bytes:
         spec = json.loads(request.content.read())
-        self.faults[spec["path"]] = {"drop_after": int(spec["drop_after"]), "times": int(spec.get("times", 1))}
+        self.faults[spec["path"]] = {"drop_after": int(spec["drop_after"]), "times": int(spec.get("times", 1)),
+                                     "stall": int(bool(spec.get("stall")))}
         return self._json(request, {"ok": True})
 
     @app.route("/_stats", methods=["GET"])
