@@ -10,10 +10,10 @@ import msgpack
 import pytest
 from support.etcd import ETCD, EtcdServer
 from support.etcd import SKIP_REASON as ETCD_SKIP
-from support.redis import REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
+from support.redis import FAULT_SUITE, REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
 from test_events_redis import create_vfolder, manager_call, new_vfid, wait_for
 
-pytestmark = [pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON),
+pytestmark = [FAULT_SUITE, pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON),
               pytest.mark.skipif(ETCD is None, reason=ETCD_SKIP)]
 
 

@@ -5,15 +5,23 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis import REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
-from test_events_redis import create_vfolder, manager_call, new_vfid, wait_for
+from support.redis import (
+    FAULT_SUITE,
+    REDIS_SERVER,
+    SKIP_REASON,
+    RedisServer,
+    RespClient,
+    stream_entries,
+)
+from test_events_redis import create_vfolder, daemon_with_redis, manager_call, new_vfid, wait_for
 
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+pytestmark = [FAULT_SUITE, pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)]
 
 
 def get(daemon: Any, path: str) -> tuple[int, bytes]:
@@ -45,6 +53,13 @@ def start(factory: Any, redis: RedisServer, tmp: Path) -> Any:
         "redis": {"addr": redis.addr},
         "storage-proxy": {"state-dir": str(tmp)},
     })
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    server = RedisServer(tmp_path / "redis-burst").start()
+    yield server
+    server.stop()
 
 
 def test_redis_down_during_delete_then_back(storage_proxy_factory: Any, tmp_path: Path) -> None:
@@ -116,3 +131,38 @@ def test_restart_with_a_non_empty_outbox_delivers(storage_proxy_factory: Any, tm
             assert len(stream_entries(c)) == 3
     finally:
         redis.stop()
+
+
+def test_a_burst_of_200_deletes_while_a_consumer_reads(storage_proxy_factory: Any, redis_server: RedisServer) -> None:
+    daemon = daemon_with_redis(storage_proxy_factory, redis_server)
+    vfids = [new_vfid() for _ in range(200)]
+    for vfid in vfids:
+        create_vfolder(daemon, vfid, files=1)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        with RespClient(redis_server.port, db=4, timeout=10) as c:
+            last = "0"
+            while not stop.is_set():
+                reply = c.command("XREAD", "COUNT", "500", "BLOCK", "200", "STREAMS", "events", last)
+                for _stream, entries in reply or []:
+                    for entry_id, flat in entries:
+                        last = entry_id.decode()
+                        fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+                        assert fields[b"name"] == b"vfolder_deletion_success"
+                        seen.append(json.loads(fields[b"payload"])["vfid"])
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        for vfid in vfids:
+            assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": vfid})[0] == 202
+        wait_for(lambda: len(seen) >= 200, timeout=60, what="200 events read")
+    finally:
+        stop.set()
+        reader.join(5)
+    assert sorted(seen) == sorted(vfids)  # every one, none twice
+    with redis_server.client() as c:
+        length = c.command("XLEN", "events")
+    assert 128 <= length < 200  # trimmed as upstream trims it (MAXLEN ~ 128)

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis import REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
+from support.redis import FAULT_SUITE, REDIS_SERVER, SKIP_REASON, RedisServer, stream_entries
 from test_events_redis import create_vfolder, manager_call, new_vfid, wait_for
 
 from storage.vfid import VFolderID
 
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)
+pytestmark = [FAULT_SUITE, pytest.mark.skipif(REDIS_SERVER is None, reason=SKIP_REASON)]
 
 FILES = 6000
 

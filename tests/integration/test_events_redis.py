@@ -251,41 +251,6 @@ def test_without_redis_table_the_daemon_says_so_once(storage_proxy: StorageProxy
     assert storage_proxy.log.count("no [redis] table") == 1
 
 
-def test_a_burst_of_200_deletes_while_a_consumer_reads(storage_proxy_factory: Any, redis_server: RedisServer) -> None:
-    daemon = daemon_with_redis(storage_proxy_factory, redis_server)
-    vfids = [new_vfid() for _ in range(200)]
-    for vfid in vfids:
-        create_vfolder(daemon, vfid, files=1)
-    seen: list[str] = []
-    stop = threading.Event()
-
-    def consume() -> None:
-        with RespClient(redis_server.port, db=4, timeout=10) as c:
-            last = "0"
-            while not stop.is_set():
-                reply = c.command("XREAD", "COUNT", "500", "BLOCK", "200", "STREAMS", "events", last)
-                for _stream, entries in reply or []:
-                    for entry_id, flat in entries:
-                        last = entry_id.decode()
-                        fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-                        assert fields[b"name"] == b"vfolder_deletion_success"
-                        seen.append(json.loads(fields[b"payload"])["vfid"])
-
-    reader = threading.Thread(target=consume, daemon=True)
-    reader.start()
-    try:
-        for vfid in vfids:
-            assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": vfid})[0] == 202
-        wait_for(lambda: len(seen) >= 200, timeout=60, what="200 events read")
-    finally:
-        stop.set()
-        reader.join(5)
-    assert sorted(seen) == sorted(vfids)  # every one, none twice
-    with redis_server.client() as c:
-        length = c.command("XLEN", "events")
-    assert 128 <= length < 200  # trimmed as upstream trims it (MAXLEN ~ 128)
-
-
 def test_redis_flushed_between_tasks(storage_proxy_factory: Any, redis_server: RedisServer) -> None:
     daemon = daemon_with_redis(storage_proxy_factory, redis_server)
     first, second = new_vfid(), new_vfid()

@@ -9,6 +9,7 @@ RESP2 for the tests to read what the daemon wrote (XRANGE, GET, SUBSCRIBE).
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -16,8 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REDIS_SERVER = shutil.which("redis-server") or (
     "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+)
+# The event bus's fault tests take seconds each (restarts, outages, thousands of
+# files): the default envs skip them; `tox -e events` (scripts/test) runs them.
+FAULT_SUITE = pytest.mark.skipif(
+    not os.environ.get("STORAGE_PROXY_EVENT_FAULTS"),
+    reason="the event-bus fault suite runs in tox -e events (STORAGE_PROXY_EVENT_FAULTS=1)",
 )
 SKIP_REASON = "redis-server is not installed (Debian package redis-server, see scripts/system-packages)"
 
