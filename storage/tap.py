@@ -177,6 +177,7 @@ class StorageProxy(SequentialMultiService):
         self.manager_api = ManagerAPI(config, self.volumes, self.bgtasks, self.pool, reactor)
         if self.events is not None:
             self.manager_api.health.event_bus = self.events
+            self.manager_api.events = self.events
             self.manager_api.metrics.add_event_bus(self.events)
         self.client_api = ClientAPI(config, self.volumes, self.pool, reactor)
         for api in (self.manager_api, self.client_api):

@@ -277,6 +277,14 @@ class ManagerAPI:
         artifact_config = getattr(config, "artifacts", None)
         self.hf_registries = HuggingFaceRegistries(artifact_config.registries if artifact_config else None)
         self.hf_parallel = 4  # files of one model downloaded at once
+        self.events: Any = None  # storage.events.delivery.Delivery, with [redis] (storage.tap)
+
+    def publish_events(self, events: list[Any]) -> None:
+        """Durable events on the manager's event bus (none without ``[redis]``)."""
+        if self.events is None:
+            return
+        self.events.publish(events).addErrback(
+            lambda f: log.failure("event bus: cannot publish {names}", f, names=[e.name for e in events]))
 
     def services(self) -> list[Any]:
         return [
@@ -821,6 +829,10 @@ class ManagerAPI:
                 "storage-proxy stopped during the clone; the partial destination was removed"
             )
 
+        if name == "huggingface-import":
+            from storage.api.registries import hf_import_runner
+
+            return hf_import_runner(self, context)
         if name == "delete-vfolder":
             return delete_vfolder
         if name == "delete-files":

@@ -140,14 +140,12 @@ class StorageStepNotProvided(StorageError):
 
 @api_route(HF + "/import", "POST", name=HF + "/import")
 async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
-    from storage.artifacts.hfimport import Importer, import_models
-
     args = self._params(
         request, Field("registry_name", p.string), Field("models", model_targets),
         Field("storage_step_mappings", p.nullable(p.mapping), None),
         Field("storage_step_target_mappings", p.nullable(p.mapping), None),
         Field("storage_prefix", _prefix, None), allow_extra=True)
-    client = self.hf_registries.get(args["registry_name"])
+    self.hf_registries.get(args["registry_name"])  # an unknown registry: 404 now, not a failed task
     download = _step_storage(args, "download")
     if download is None:
         raise StorageStepNotProvided("no storage mapping provided for the download step")
@@ -156,11 +154,23 @@ async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
         raise UnsupportedOperation("an archive step into another storage than the download's is not supported yet")
     if download in self.artifacts.object_storages:
         raise UnsupportedOperation("importing into an object storage is not supported yet (VFS storages only)")
-    storage = self.artifacts.get_vfs(download)
-    importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel)
-    models, prefix = args["models"], args["storage_prefix"]
-    task = self.bgtasks.start(
-        "huggingface-import", lambda progress: import_models(progress, importer, models, prefix),
-        registry_name=args["registry_name"], registry_type="huggingface", storage=download,
-        models=[dict(m) for m in models])
+    self.artifacts.get_vfs(download)
+    context = {"registry_name": args["registry_name"], "registry_type": "huggingface", "storage": download,
+               "models": [dict(m) for m in args["models"]], "storage_prefix": args["storage_prefix"]}
+    task = self.bgtasks.start("huggingface-import", hf_import_runner(self, context), **context)
     return json_body(request, {"task_id": str(task.task_id)}, 202)
+
+
+def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
+    """The body of an import task from its context: also how a killed daemon's import resumes
+    (``ManagerAPI.task_runner``), from the files it had verified or staged."""
+    from storage.artifacts.hfimport import Importer, import_models
+
+    async def run(progress: Any) -> Any:
+        client = self.hf_registries.get(context["registry_name"])
+        storage = self.artifacts.get_vfs(context["storage"])
+        importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel,
+                            emit=self.publish_events)
+        return await import_models(progress, importer, list(context["models"]), context.get("storage_prefix"))
+
+    return run

@@ -350,6 +350,7 @@ class Importer:
     max_retries: int = 8
     backoff: float = 0.5
     treq: Any = None
+    emit: Any = None  # emit(list of storage.events.encoding.Event): the manager's event bus
     commits: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -475,6 +476,7 @@ async def import_models(
         results.append(entry)
         if files is None:
             entry["error"] = error
+            _emit(importer, [model_import_done(m, client.config.name, False, None)])
             continue
         progress.message = f"importing {m['model_id']}@{m['revision']} ({len(files)} files)"
         progress.changed()
@@ -496,12 +498,48 @@ async def import_models(
             for failure in failures:
                 if not failure.check(StorageError):
                     log.failure("import of {model} failed", failure, model=m["model_id"])
+            _emit(importer, [model_import_done(m, client.config.name, False, None)])
             continue
+        if entry["commit_hash"] is None:  # every file was there already: ask the hub, as upstream does
+            try:
+                entry["commit_hash"] = await pool.run(client.commit_hash, m["model_id"], m["revision"])
+            except StorageError:
+                pass
         entry["success"] = True
+        _emit(importer, [model_verifying(m, client.config.name),
+                         model_import_done(m, client.config.name, True, entry["commit_hash"])])
     failed = [r for r in results if not r["success"]]
     if failed:
         raise ImportFailed(f"{len(failed)} of {len(results)} models failed to import", data={"models": results})
     return {"models": results}
+
+
+# -- upstream's artifact events (common events/event_types/artifact/anycast.py) ------------
+
+
+def model_verifying(m: dict[str, str], registry_name: str) -> Any:
+    from storage.events.encoding import Event
+
+    return Event("anycast", "model_verifying", (
+        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", "huggingface"),
+        ("registry_name", registry_name)))
+
+
+def model_import_done(m: dict[str, str], registry_name: str, success: bool, digest: str | None) -> Any:
+    from storage.events.encoding import Event
+
+    return Event("anycast", "model_import_done", (
+        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", "huggingface"),
+        ("registry_name", registry_name), ("success", success), ("digest", digest),
+        ("verification_result", None)))
+
+
+def _emit(importer: Importer, events: list[Any]) -> None:
+    if importer.emit is not None:
+        try:
+            importer.emit(events)
+        except Exception:
+            log.failure("cannot emit {names}", names=[e.name for e in events])
 
 
 class ImportFailed(StorageError):

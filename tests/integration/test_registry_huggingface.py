@@ -380,3 +380,66 @@ def test_import_resumes_after_the_daemon_is_killed(proxy: tuple[StorageProxyProc
     assert stored(base, "killed") == hub.content[f"{MODEL}@main"]
     after = hub.get("/_stats")["model.safetensors"]
     assert after["ranged"] == before["ranged"] + 1  # resumed from the staged bytes, not from 0
+
+
+def test_import_events_and_resume_after_a_kill(tmp_path: Path, hub: HubServer) -> None:
+    """With [redis]: a daemon SIGKILLed mid-import resumes the task by itself (same id) from the staged
+    bytes, and the manager's stream gets upstream's model_verifying / model_import_done."""
+    from support.redis import REDIS_SERVER, RedisServer, stream_entries
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    redis = RedisServer(tmp_path / "redis").start()
+    base = tmp_path / "models"
+    daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
+        "redis": {"addr": redis.addr},
+        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
+        "artifact-registries": {"hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}}},
+    })
+    try:
+        daemon.start()
+        data = hub.content[f"{MODEL}@main"]["model.safetensors"]
+        staged = base / "j" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
+        hub.post("/_faults", {"path": "model.safetensors", "drop_after": 2_500_000, "times": 1, "stall": True})
+        status, _, answer = call(daemon, "POST", f"{HF}/import", {
+            "registry_name": "hf", "models": [{"model_id": MODEL}, {"model_id": "acme/missing"}],
+            "storage_step_mappings": {"download": "models"}, "storage_prefix": "j"})
+        assert status == 202, answer
+        deadline = time.monotonic() + 20
+        while not (staged.exists() and staged.stat().st_size >= 2_000_000):
+            assert time.monotonic() < deadline, "the import did not start writing"
+            time.sleep(0.02)
+        before = hub.get("/_stats")["model.safetensors"]
+        daemon.kill()
+        daemon.start()
+        deadline = time.monotonic() + 30
+        while True:
+            status, _, task = call(daemon, "GET", f"/bgtask/{answer['task_id']}")
+            if status == 200 and task["status"] != "running":
+                break
+            assert time.monotonic() < deadline, task
+            time.sleep(0.05)
+        assert task["status"] == "failed", task  # the missing model
+        assert [(m["model_id"], m["success"]) for m in task["error"]["data"]["models"]] == [
+            (MODEL, True), ("acme/missing", False)]
+        assert stored(base, "j") == hub.content[f"{MODEL}@main"]
+        assert hub.get("/_stats")["model.safetensors"]["ranged"] == before["ranged"] + 1
+
+        commit = call(daemon, "GET", model_path(MODEL, "/commit-hash", registry_name="hf"))[2]["commit_hash"]
+        deadline = time.monotonic() + 10
+        while True:
+            with redis.client() as client:
+                entries = [(e[b"name"].decode(), json.loads(e[b"payload"])) for e in stream_entries(client)]
+            artifact = [(n, p) for n, p in entries if n.startswith("model_")]
+            if len(artifact) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        common = {"registry_type": "huggingface", "registry_name": "hf"}
+        assert ("model_verifying", {"model_id": MODEL, "revision": "main", **common}) in artifact
+        assert ("model_import_done", {"model_id": MODEL, "revision": "main", **common, "success": True,
+                                      "digest": commit, "verification_result": None}) in artifact
+        assert ("model_import_done", {"model_id": "acme/missing", "revision": "main", **common, "success": False,
+                                      "digest": None, "verification_result": None}) in artifact
+    finally:
+        daemon.stop(timeout=10)
+        redis.stop()
