@@ -7,6 +7,7 @@ must be idempotent and clean up after themselves.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -50,6 +51,50 @@ class BlockingPool(Service):
             # Tests and start-up checks may use the pool before the service starts.
             self.threadpool.start()
         return threads.deferToThreadPool(self.reactor, self.threadpool, f, *args, **kwargs)
+
+    async def __call__(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.run(f, *args, **kwargs)
+
+    def lane(self, width: int, name: str = "lane") -> Lane:
+        """A view of this pool that runs at most ``width`` of its calls at once."""
+        return Lane(self, width, name)
+
+
+class Lane:
+    """At most ``width`` calls at once in a shared ``BlockingPool``; the rest
+    wait, in order, on the reactor.
+
+    Upload bodies go through one: a thousand PATCHes starting or ending at
+    once then occupy a few pool threads, not all of them, so the manager
+    API's filesystem calls find a free thread at once, and few threads fight
+    the reactor thread for the GIL (each of them can make the reactor wait a
+    switch interval, 5 ms, every time it comes back from a system call).
+    """
+
+    def __init__(self, pool: BlockingPool, width: int, name: str = "lane") -> None:
+        self.pool = pool
+        self.width = max(1, width)
+        self.name = name
+        self.running = 0
+        self.waiting: deque[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = deque()
+
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        if self.running < self.width:
+            return self._start(f, args, kwargs)
+        d: Deferred[T] = Deferred()
+        self.waiting.append((d, f, args, kwargs))
+        return d
+
+    def _start(self, f: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Deferred[T]:
+        self.running += 1
+        return self.pool.run(f, *args, **kwargs).addBoth(self._finished)
+
+    def _finished(self, result: Any) -> Any:
+        self.running -= 1
+        if self.waiting:
+            d, f, args, kwargs = self.waiting.popleft()
+            self._start(f, args, kwargs).chainDeferred(d)
+        return result
 
     async def __call__(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await self.run(f, *args, **kwargs)

@@ -253,12 +253,22 @@ class UploadRef:
         return url
 
 
+def body_lane_width(io_threads: int) -> int:
+    """How many pool threads PATCH bodies may use at once: a quarter of them
+    (4 of the default 16), the rest stay free for every other request
+    (see storage.blocking.Lane)."""
+    return max(2, io_threads // 4)
+
+
 class TusUploads:
     def __init__(self, config: Any, volumes: Any, pool: Any, reactor: Any) -> None:
         self.config = config
         self.volumes = volumes
         self.pool = pool
         self.reactor = reactor
+        # PATCH bodies' opens, writes and ends: a few pool threads at most (storage.blocking.Lane).
+        width = body_lane_width(getattr(config, "io_threads", 16))
+        self.body_pool = pool.lane(width, "upload-bodies") if hasattr(pool, "lane") else pool
         self.site: StorageSite | None = None
         self.janitor = UploadJanitor(volumes, pool, interval=janitor_interval(config))
         self.socket_threads = SocketThreads(reactor)
@@ -670,7 +680,7 @@ class PatchInProgress:
         earlier = tus.supersede(ref)  # the older PATCH ends; never two writers
         tus.active[self.key] = self
         self.finished.addBoth(self._count_done)
-        earlier.addCallback(lambda _: tus.pool.run(self._open)).addCallback(self._opened).chainDeferred(ready)
+        earlier.addCallback(lambda _: tus.body_pool.run(self._open)).addCallback(self._opened).chainDeferred(ready)
 
     def when_done(self, reactor: Any, timeout: float) -> Deferred[None]:
         """Fires once this PATCH's outcome is recorded, or after ``timeout``."""
@@ -713,7 +723,7 @@ class PatchInProgress:
         except BaseException:
             writer.close()
             raise
-        return PatchTarget(self.tus.pool, writer, self.checksum)
+        return PatchTarget(self.tus.body_pool, writer, self.checksum)
 
     def _check(self, state: UploadState) -> None:
         """Under the upload's lock, before its offset is looked at."""
@@ -790,7 +800,7 @@ class PatchInProgress:
             d.errback(result if isinstance(result, Failure) else Failure(RuntimeError("no target")))
         else:
             keep = self.ref.token.exp
-            d = self.tus.pool.run(self.target.finish, self.sink.complete, error, self.ref.dst_dir, keep)
+            d = self.tus.body_pool.run(self.target.finish, self.sink.complete, error, self.ref.dst_dir, keep)
         return d.addBoth(self._deliver)
 
     def _deliver(self, outcome: UploadState | Failure) -> None:
