@@ -100,6 +100,11 @@ class TaskJournal:
         finally:
             self._lock.release()
 
+    @property
+    def active(self) -> bool:
+        """Open and writable: what it records will be resumed."""
+        return self._fd is not None and self.last_error is None
+
     def attempt_of(self, task_id: str) -> int:
         """How many times this task has started (1 for a new one)."""
         return self._attempts.get(task_id, 0) + 1

@@ -142,7 +142,7 @@ class EventPublisher:
         trailing = self._trailing.pop(task.task_id, None)
         if trailing is not None and trailing.active():
             trailing.cancel()
-        if task.interrupted and task.status == "cancelled" and self.journal is not None:
+        if task.interrupted and task.status == "cancelled" and self.journal is not None and self.journal.active:
             # Stopped with the daemon: no end yet; the journal resumes it at the next start.
             log.info("background task {name} {task_id} interrupted by the stop; resumed at the next start",
                      name=task.name, task_id=task.task_id)
