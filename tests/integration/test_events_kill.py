@@ -133,14 +133,15 @@ def test_a_journaled_task_resumes_under_its_id(storage_proxy_factory: Any, redis
     """Deterministic: the journal a killed daemon left (a start, no end), then a start."""
     state = tmp_path / "state"
     daemon = start(storage_proxy_factory, redis_server, state)
-    vfid = new_vfid()
+    vfid, other = new_vfid(), new_vfid()
     path = create_vfolder(daemon, vfid)
+    other_path = create_vfolder(daemon, other)
     daemon.stop()
     task_id = str(uuid.uuid4())
     files_task = str(uuid.uuid4())
     with open(state / "tasks.journal", "ab") as f:
         f.write(json.dumps({"start": files_task, "name": "delete-files", "attempt": 1,
-                            "context": {"volume": "local", "vfid": vfid, "relpaths": ["f1.txt"],
+                            "context": {"volume": "local", "vfid": other, "relpaths": ["f1.txt"],
                                         "recursive": False}}).encode() + b"\n")
         f.write(json.dumps({"start": task_id, "name": "delete-vfolder", "attempt": 1,
                             "context": {"volume": "local", "vfid": vfid}}).encode() + b"\n")
@@ -148,8 +149,10 @@ def test_a_journaled_task_resumes_under_its_id(storage_proxy_factory: Any, redis
     daemon.start()
     done = wait_for(lambda: terminal(redis_server, task_id), timeout=20, what="the resumed delete's end")
     assert done["name"] == "bgtask_done"
-    assert terminal(redis_server, files_task)["name"] == "bgtask_done"
+    files_done = wait_for(lambda: terminal(redis_server, files_task), timeout=20, what="the delete-files end")
+    assert files_done["name"] == "bgtask_done"
     assert not path.exists()
+    assert not (other_path / "f1.txt").exists() and (other_path / "f0.txt").exists()
     with redis_server.client() as c:
         assert [e[b"name"] for e in stream_entries(c)] == [b"vfolder_deletion_success"]
 
