@@ -6,13 +6,16 @@
 → ``{"commit_hash"}``; ``POST models/batch`` ({registry_name, models}) →
 ``{"models": [...]}``; ``POST import`` → 202 ``{"task_id"}``
 (``storage.artifacts.hfimport``).  The manager sends the model id quoted
-(``org%2Fname``): twisted.web unquotes it into path segments, so the id is a
-``path`` part of the route.  Every hub call runs in the pool.
+(``org%2Fname``), and its aiohttp quotes that again (``org%252Fname``):
+twisted.web unquotes the path once, and the route once more, as upstream's
+handler does, so both spellings (and ``org/name``) name the model; the id is
+a ``path`` part of the route.  Every hub call runs in the pool.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.web.iweb import IRequest
 
@@ -75,6 +78,7 @@ async def hf_scan_models(self: ManagerAPI, request: IRequest) -> bytes:
 
 @api_route(HF + "/model/<path:model_id>/commit-hash", "GET", name=HF + "/model/<model_id>/commit-hash")
 async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
+    model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
     revision = _query(request, "revision", required=False) or DEFAULT_REVISION
     commit = await self.pool.run(client.commit_hash, model_id, revision)
@@ -83,6 +87,7 @@ async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str)
 
 @api_route(HF + "/model/<path:model_id>", "GET", name=HF + "/model/<model_id>")
 async def hf_retrieve_model(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
+    model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
     revision = _query(request, "revision") or DEFAULT_REVISION
     model = await self.pool.run(client.model, model_id, revision)

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from storage.artifact_config import RegistryConfig
-from storage.errors import StorageError
+from storage.errors import InvalidAPIParameters, StorageError
 
 SORT_KEYS = ("last_modified", "trending_score", "created_at", "downloads", "likes")
 DEFAULT_REVISION = "main"
@@ -123,12 +123,15 @@ class HubClient:
     def _wrap(self, exc: Exception, what: str) -> StorageError:
         from huggingface_hub.errors import (
             GatedRepoError,
+            HFValidationError,
             RepositoryNotFoundError,
             RevisionNotFoundError,
         )
 
         if isinstance(exc, StorageError):
             return exc
+        if isinstance(exc, HFValidationError):  # refused before any request: the caller's id or revision
+            return InvalidAPIParameters(f"{what}: {exc}")
         if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)) and not isinstance(exc, GatedRepoError):
             return HuggingFaceModelNotFound(f"{what}: not found on the hub")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
