@@ -211,7 +211,7 @@ class StorageProxy(SequentialMultiService):
         # Logging has begun by now (twistd starts it before the services).
         apply_log_level(self.config.log_level)
         if self.events is None:
-            log.warn("no [redis] table: no events are published on a manager's Redis, so a manager "
+            log.warn("no [redis] or [etcd] table: no events are published on a manager's Redis, so a manager "
                      "will not see background tasks (vfolder delete, clone) finish")
         super().startService()
         self.ready = defer.Deferred.fromCoroutine(self._prepare_volumes())

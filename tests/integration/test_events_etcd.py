@@ -40,7 +40,7 @@ def test_redis_settings_from_etcd(storage_proxy_factory: Any, redis_server: Redi
     etcd.put("/sorna/local/config/redis/addr", redis_server.addr)
     etcd.put("/sorna/other/config/redis/addr", "127.0.0.1:1")  # another namespace: not ours
     daemon = daemon_with_etcd(storage_proxy_factory, etcd, **{"event-format": "26.8"})
-    assert "no [redis] table" not in daemon.log
+    assert "no [redis] or [etcd] table" not in daemon.log
     vfid = new_vfid()
     create_vfolder(daemon, vfid)
     assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": vfid})[0] == 202

@@ -134,7 +134,7 @@ def assert_broadcast_shape(message: dict[str, Any], fmt: str) -> None:
 def test_delete_publishes_anycast_and_bgtask_events(storage_proxy_factory: Any, redis_server: RedisServer,
                                                     fmt: str) -> None:
     daemon = daemon_with_redis(storage_proxy_factory, redis_server, None if fmt == "26.9" else fmt)
-    assert "no [redis] table" not in daemon.log
+    assert "no [redis] or [etcd] table" not in daemon.log
     vfid = new_vfid()
     path = create_vfolder(daemon, vfid)
     sub = Subscriber(redis_server)
@@ -248,7 +248,7 @@ def test_delete_files_async_sends_only_bgtask_events(storage_proxy_factory: Any,
 
 
 def test_without_redis_table_the_daemon_says_so_once(storage_proxy: StorageProxyProcess) -> None:
-    assert storage_proxy.log.count("no [redis] table") == 1
+    assert storage_proxy.log.count("no [redis] or [etcd] table") == 1
 
 
 def test_redis_flushed_between_tasks(storage_proxy_factory: Any, redis_server: RedisServer) -> None:
