@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import unquote
 
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from storage.api import params as p
@@ -29,6 +30,7 @@ from storage.errors import InvalidAPIParameters, StorageError, UnsupportedOperat
 from storage.paths import validate_relpath
 
 HF = "/v1/registries/huggingface"
+log = Logger()
 
 
 def _sort_key(value: Any) -> str:
@@ -73,6 +75,7 @@ async def hf_scan_models(self: ManagerAPI, request: IRequest) -> bytes:
                         Field("order", _sort_key), Field("search", p.nullable(p.string), None), allow_extra=True)
     client = self.hf_registries.get(args["registry_name"])
     models = await self.pool.run(client.scan, args["limit"], args["order"], args["search"])
+    fetch_metadata(self, client, models)
     return json_body(request, {"models": models})
 
 
@@ -102,7 +105,48 @@ async def hf_retrieve_models(self: ManagerAPI, request: IRequest) -> bytes:
     def retrieve() -> list[dict[str, Any]]:
         return [client.model_basic(m["model_id"], m["revision"]) for m in args["models"]]
 
-    return json_body(request, {"models": await self.pool.run(retrieve)})
+    models = await self.pool.run(retrieve)
+    fetch_metadata(self, client, models)
+    return json_body(request, {"models": models})
+
+
+METADATA_PARALLEL = 4
+
+
+def fetch_metadata(self: ManagerAPI, client: Any, models: list[dict[str, Any]]) -> None:
+    """Upstream, after a scan or a batch: each model's README and size fetched in the background and
+    sent as ``models_metadata_fetch_done`` (only for a model with a README).  Without an event bus
+    nobody would hear them, so nothing is fetched."""
+    if self.events is None or not models:
+        return
+    from twisted.internet.defer import DeferredList, DeferredSemaphore
+
+    from storage.events.encoding import Event
+
+    sem = DeferredSemaphore(METADATA_PARALLEL)
+
+    def one(m: dict[str, Any]) -> dict[str, Any] | None:
+        readme = client.readme(m["id"], m["revision"])
+        if not readme:
+            return None
+        try:
+            size = sum(f.size for f in client.files(m["id"], m["revision"]))
+        except StorageError:
+            size = 0
+        return {"model_id": m["id"], "revision": m["revision"], "readme_content": readme,
+                "registry_type": "huggingface", "registry_name": client.config.name, "size": size}
+
+    def send(info: dict[str, Any] | None) -> None:
+        if info is not None:
+            self.publish_events([Event("anycast", "models_metadata_fetch_done", (("model", info),))])
+
+    def report(results: list[tuple[bool, Any]]) -> None:
+        for ok, failure in results:
+            if not ok:
+                log.failure("fetching a model's metadata for models_metadata_fetch_done failed", failure)
+
+    ds = [sem.run(self.pool.run, one, m).addCallback(send) for m in models]
+    DeferredList(ds, consumeErrors=True).addCallback(report)
 
 
 # -- import ------------------------------------------------------------------------

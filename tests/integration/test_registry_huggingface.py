@@ -373,6 +373,21 @@ def test_import_events_and_resume_after_a_kill(tmp_path: Path, hub: HubServer) -
             if len(artifact) >= 3 or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        status, _, _ = call(daemon, "POST", f"{HF}/scan", {"registry_name": "hf", "limit": 10, "order": "likes"})
+        assert status == 200
+        files = hub.content[f"{MODEL}@main"]
+        wanted = {"model_id": MODEL, "revision": "main", "readme_content": files["README.md"].decode(),
+                  "registry_type": "huggingface", "registry_name": "hf", "size": sum(map(len, files.values()))}
+        deadline = time.monotonic() + 10
+        while True:
+            with redis.client() as client:
+                metadata = [json.loads(e[b"payload"])["model"] for e in stream_entries(client)
+                            if e[b"name"] == b"models_metadata_fetch_done"]
+            if wanted in metadata or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert wanted in metadata  # after the scan, for the revisions with a README only
+        assert {(m["model_id"], m["revision"]) for m in metadata} == {(MODEL, "main"), (MODEL, "v1.0")}
         common = {"registry_type": "huggingface", "registry_name": "hf"}
         assert ("model_verifying", {"model_id": MODEL, "revision": "main", **common}) in artifact
         assert ("model_import_done", {"model_id": MODEL, "revision": "main", **common, "success": True,
