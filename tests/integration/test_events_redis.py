@@ -263,3 +263,18 @@ def test_redis_flushed_between_tasks(storage_proxy_factory: Any, redis_server: R
         assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": second})[0] == 202
         [entry] = wait_for(lambda: stream_entries(c), what="the event after the flush")
     assert json.loads(entry[b"payload"]) == {"vfid": second}
+
+
+def test_redis_with_a_password(storage_proxy_factory: Any, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis-pw", password="s3cret").start()
+    try:
+        daemon = daemon_with_redis(storage_proxy_factory, server, password="s3cret")
+        vfid = new_vfid()
+        create_vfolder(daemon, vfid)
+        assert manager_call(daemon, "/folder/delete", {"volume": "local", "vfid": vfid})[0] == 202
+        with server.client() as c:
+            [entry] = wait_for(lambda: stream_entries(c), what="the event")
+        assert entry[b"name"] == b"vfolder_deletion_success"
+        assert "s3cret" not in daemon.log
+    finally:
+        server.stop()
