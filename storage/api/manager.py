@@ -262,6 +262,9 @@ class BackgroundTaskService(Service):
         return done
 
 
+HUB_THREADS = 8  # threads for calls to artifact registries (storage/api/registries.py)
+
+
 class ManagerAPI:
     app = app
 
@@ -277,6 +280,12 @@ class ManagerAPI:
         artifact_config = getattr(config, "artifacts", None)
         self.hf_registries = HuggingFaceRegistries(artifact_config.registries if artifact_config else None)
         self.hf_parallel = 4  # files of one model downloaded at once
+        # Hub calls (huggingface_hub is synchronous) get threads of their own: a hub
+        # that hangs must not hold the threads every filesystem route needs.
+        from storage.blocking import BlockingPool
+
+        self.hub_pool = BlockingPool(reactor, HUB_THREADS)
+        self.hub_pool.name = "hub-pool"  # type: ignore[assignment]
         self.events: Any = None  # storage.events.delivery.Delivery, with [redis] (storage.tap)
 
     def publish_events(self, events: list[Any]) -> None:
@@ -289,6 +298,7 @@ class ManagerAPI:
     def services(self) -> list[Any]:
         return [
             ArtifactStorageService(self.artifacts),
+            self.hub_pool,
             BackgroundTaskService(self.bgtasks, self.reactor, getattr(self.config, "shutdown_grace", 10.0)),
         ]
 

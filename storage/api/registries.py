@@ -74,7 +74,7 @@ async def hf_scan_models(self: ManagerAPI, request: IRequest) -> bytes:
     args = self._params(request, Field("registry_name", p.string), Field("limit", _limit),
                         Field("order", _sort_key), Field("search", p.nullable(p.string), None), allow_extra=True)
     client = self.hf_registries.get(args["registry_name"])
-    models = await self.pool.run(client.scan, args["limit"], args["order"], args["search"])
+    models = await self.hub_pool.run(client.scan, args["limit"], args["order"], args["search"])
     fetch_metadata(self, client, models)
     return json_body(request, {"models": models})
 
@@ -84,7 +84,7 @@ async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str)
     model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
     revision = _query(request, "revision", required=False) or DEFAULT_REVISION
-    commit = await self.pool.run(client.commit_hash, model_id, revision)
+    commit = await self.hub_pool.run(client.commit_hash, model_id, revision)
     return json_body(request, {"commit_hash": commit})
 
 
@@ -93,7 +93,7 @@ async def hf_retrieve_model(self: ManagerAPI, request: IRequest, model_id: str) 
     model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
     revision = _query(request, "revision") or DEFAULT_REVISION
-    model = await self.pool.run(client.model, model_id, revision)
+    model = await self.hub_pool.run(client.model, model_id, revision)
     return json_body(request, {"model": model})
 
 
@@ -105,7 +105,7 @@ async def hf_retrieve_models(self: ManagerAPI, request: IRequest) -> bytes:
     def retrieve() -> list[dict[str, Any]]:
         return [client.model_basic(m["model_id"], m["revision"]) for m in args["models"]]
 
-    models = await self.pool.run(retrieve)
+    models = await self.hub_pool.run(retrieve)
     fetch_metadata(self, client, models)
     return json_body(request, {"models": models})
 
@@ -145,7 +145,7 @@ def fetch_metadata(self: ManagerAPI, client: Any, models: list[dict[str, Any]]) 
             if not ok:
                 log.failure("fetching a model's metadata for models_metadata_fetch_done failed", failure)
 
-    ds = [sem.run(self.pool.run, one, m).addCallback(send) for m in models]
+    ds = [sem.run(self.hub_pool.run, one, m).addCallback(send) for m in models]
     DeferredList(ds, consumeErrors=True).addCallback(report)
 
 
@@ -219,7 +219,7 @@ def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
         client = self.hf_registries.get(context["registry_name"])
         storage = self.artifacts.get_vfs(context["storage"])
         importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel,
-                            emit=self.publish_events)
+                            emit=self.publish_events, hub_pool=self.hub_pool)
         return await import_models(progress, importer, list(context["models"]), context.get("storage_prefix"))
 
     return run

@@ -351,6 +351,7 @@ class Importer:
     backoff: float = 0.5
     treq: Any = None
     emit: Any = None  # emit(list of storage.events.encoding.Event): the manager's event bus
+    hub_pool: Any = None  # where the hub's metadata calls block (default: pool)
     commits: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -458,10 +459,11 @@ async def import_models(
 ) -> dict[str, Any]:
     """The task: every model in turn, its files in parallel.  Fails if any model failed."""
     client, pool = importer.client, importer.pool
+    hub_pool = importer.hub_pool or pool
     listings: list[tuple[dict[str, str], list[HubFile] | None, str | None]] = []
     for m in models:
         try:
-            listings.append((m, await pool.run(client.files, m["model_id"], m["revision"]), None))
+            listings.append((m, await hub_pool.run(client.files, m["model_id"], m["revision"]), None))
         except StorageError as exc:
             listings.append((m, None, str(exc)))
     progress.total = sum(f.size for _, files, _ in listings for f in files or [])
@@ -502,7 +504,7 @@ async def import_models(
             continue
         if entry["commit_hash"] is None:  # every file was there already: ask the hub, as upstream does
             try:
-                entry["commit_hash"] = await pool.run(client.commit_hash, m["model_id"], m["revision"])
+                entry["commit_hash"] = await hub_pool.run(client.commit_hash, m["model_id"], m["revision"])
             except StorageError:
                 pass
         entry["success"] = True

@@ -397,3 +397,39 @@ def test_import_events_and_resume_after_a_kill(tmp_path: Path, hub: HubServer) -
     finally:
         daemon.stop(timeout=10)
         redis.stop()
+
+
+def test_a_hanging_hub_leaves_the_filesystem_routes_alone(tmp_path: Path) -> None:
+    """Hub calls block threads of their own pool: 20 requests to a hub that never answers
+    do not hold the threads the VFS (and vfolder) routes need."""
+    import socket
+    import threading
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(128)  # connections complete in the kernel; nobody ever answers
+    base = tmp_path / "models"
+    daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
+        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
+        "artifact-registries": {"hole": {"type": "huggingface", "huggingface": {
+            "endpoint": f"http://127.0.0.1:{hole.getsockname()[1]}"}}},
+    })
+    try:
+        daemon.start()
+
+        def stuck() -> None:
+            try:
+                call(daemon, "GET", model_path(MODEL, registry_name="hole", revision="main"))
+            except OSError:
+                pass
+
+        for _ in range(20):
+            threading.Thread(target=stuck, daemon=True).start()
+        time.sleep(1.0)  # every hub thread is now waiting on the hole
+        started = time.monotonic()
+        status, _, body = call(daemon, "GET", "/v1/storages/vfs/models/files", {"directory": ""})
+        assert status == 200, body
+        assert time.monotonic() - started < 2.0
+    finally:
+        daemon.kill()
+        hole.close()
