@@ -58,6 +58,7 @@ HIGH_WATER = 8 << 20  # bytes waiting for the pool before the connection is paus
 LOW_WATER = 2 << 20
 WRITE_BATCH = 1 << 20  # bytes gathered per pool write
 HASH_CHUNK = 1 << 20
+CANCEL_POLL = 0.25  # seconds between checks for a cancel during a download
 
 
 def storage_key(model_id: str, revision: str, path: str, prefix: str | None) -> str:
@@ -231,6 +232,7 @@ class _BodySink(Protocol):
         self.reactor = reactor
         self.idle = idle
         self.timer: Any = None
+        self.poller: Any = None
         self.stalled = False
         self.buffer: list[bytes] = []
         self.buffered = 0
@@ -242,6 +244,16 @@ class _BodySink(Protocol):
 
     def connectionMade(self) -> None:
         self._arm()
+        self.poller = self.reactor.callLater(CANCEL_POLL, self._poll_cancel)
+
+    def _poll_cancel(self) -> None:
+        """A cancel must not wait for the next byte of a stalled (or paused) download."""
+        self.poller = None
+        if self.progress.cancelled and self.error is None:
+            self.error = Failure(TaskCancelled())
+            self.transport.stopProducing()  # type: ignore[union-attr]
+            return
+        self.poller = self.reactor.callLater(CANCEL_POLL, self._poll_cancel)
 
     def _arm(self) -> None:
         """(Re)start the stall timer; it does not run while we paused the connection."""
@@ -312,6 +324,9 @@ class _BodySink(Protocol):
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         self._disarm()
+        if self.poller is not None and self.poller.active():
+            self.poller.cancel()
+        self.poller = None
         self._flush()
         if self.stalled:
             reason = Failure(_Interrupted(f"no data for {self.idle:g} s"))

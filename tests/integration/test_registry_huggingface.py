@@ -433,3 +433,32 @@ def test_a_hanging_hub_leaves_the_filesystem_routes_alone(tmp_path: Path) -> Non
     finally:
         daemon.kill()
         hole.close()
+
+
+def test_a_cancelled_import_keeps_its_staged_bytes(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    data = hub.content[f"{MODEL}@main"]["model.safetensors"]
+    staged = base / "cancelled" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
+    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 2_500_000, "times": 1, "stall": True})
+    body = {"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
+            "storage_prefix": "cancelled"}
+    status, _, answer = call(daemon, "POST", f"{HF}/import", body)
+    assert status == 202, answer
+    deadline = time.monotonic() + 20
+    while not (staged.exists() and staged.stat().st_size >= 2_000_000):
+        assert time.monotonic() < deadline, "the import did not start writing"
+        time.sleep(0.02)
+    # the stalled download sends nothing more: cancelling must not wait for its next byte
+    status, _, _ = call(daemon, "POST", f"/bgtask/{answer['task_id']}/cancel")
+    assert status in (200, 202)
+    deadline = time.monotonic() + 10
+    while (task := call(daemon, "GET", f"/bgtask/{answer['task_id']}")[2])["status"] == "running":
+        assert time.monotonic() < deadline, task
+        time.sleep(0.05)
+    assert task["status"] == "cancelled", task
+    assert staged.stat().st_size >= 2_000_000 and not (base / "cancelled" / "model.safetensors").exists()
+    before = hub.get("/_stats")["model.safetensors"]
+    task = run_import(daemon, body)
+    assert task["status"] == "done", task
+    assert stored(base, "cancelled") == hub.content[f"{MODEL}@main"]
+    assert hub.get("/_stats")["model.safetensors"]["ranged"] == before["ranged"] + 1
