@@ -424,6 +424,11 @@ class UploadTarget(Protocol):
     def write(self, buffers: list[bytes]) -> Deferred[int]: ...
 
 
+# What all streamed bodies together may hold in memory waiting for the writer
+# (each gets an equal share, at most its ``high_water``).
+BODY_BUFFER_BUDGET = 64 << 20
+
+
 class UploadSink(_NotAFile):
     """Streams a body into an ``UploadTarget``: ordered writes, bounded memory.
 
@@ -442,6 +447,8 @@ class UploadSink(_NotAFile):
     or the body passing ``limit``).  After an error the rest of the body is
     counted and dropped; nothing past ``limit`` is ever written.
     """
+
+    streaming = 0  # sinks whose ``done`` has not fired yet, in this process
 
     def __init__(
         self,
@@ -484,8 +491,20 @@ class UploadSink(_NotAFile):
         self.complete = False  # body complete
         self.done: Deferred[int] = Deferred()
         self._fired = False
+        UploadSink.streaming += 1
         self._pause()
         ready.addCallbacks(self._ready, self._fail)
+
+    def high_mark(self) -> int:
+        """``high_water``, or this body's share of ``BODY_BUFFER_BUDGET`` when
+        many bodies stream at once: with a thousand slow uploads each keeps at
+        most one read waiting for the writer and the rest stays in the
+        kernel's socket buffer (then the client's TCP window closes)."""
+        share = BODY_BUFFER_BUDGET // max(1, UploadSink.streaming)
+        return min(self.high_water, share)
+
+    def low_mark(self) -> int:
+        return min(self.low_water, self.high_mark() // 4)
 
     @property
     def batches_reads(self) -> bool:
@@ -507,7 +526,7 @@ class UploadSink(_NotAFile):
         self.queue.append(data)
         self.queued += len(data)
         self._pump()
-        if self.queued > self.high_water:
+        if self.queued > self.high_mark():
             self._pause()
 
 
@@ -567,7 +586,7 @@ class UploadSink(_NotAFile):
         self._pump()
         if self._hand_off():
             return
-        if self.queued <= self.low_water:
+        if self.queued <= self.low_mark():
             self._resume()
         self._maybe_done()
 
@@ -590,7 +609,7 @@ class UploadSink(_NotAFile):
         self._pump()
         if self._hand_off():
             return
-        if self.queued <= self.low_water:
+        if self.queued <= self.low_mark():
             self._resume()
         self._maybe_done()
 
@@ -696,6 +715,7 @@ class UploadSink(_NotAFile):
         if self.error is None and not (self.ended and self.target is not None and not self.queue):
             return
         self._fired = True
+        UploadSink.streaming -= 1
         if self.error is not None:
             self.done.errback(self.error)
         else:

@@ -417,3 +417,22 @@ def test_a_thread_that_received_the_whole_body_also_finishes_the_upload(h):
     assert not h.pool.step()  # no pool hop left: the outcome came with the thread's result
     [r] = conn.responses()
     assert r.status == 204 and r.header("Upload-Offset") == str(size)
+
+
+def test_many_bodies_at_once_share_the_memory_budget(h, monkeypatch):
+    from storage.web import streaming
+
+    conn, _, _ = open_patch(h, 1 << 20, 1 << 20)
+    sink = conn.channel.requests[0].content
+    assert UploadSink.streaming >= 1
+    monkeypatch.setattr(UploadSink, "streaming", 1)
+    assert sink.high_mark() == sink.high_water  # alone: the full high-water mark
+    monkeypatch.setattr(UploadSink, "streaming", 1000)
+    assert sink.high_mark() == streaming.BODY_BUFFER_BUDGET // 1000
+    assert sink.low_mark() == sink.high_mark() // 4
+    monkeypatch.undo()
+    h.pool.step()
+    started = UploadSink.streaming
+    conn.send(b"z" * (1 << 20))
+    h.pool.run_all()
+    assert UploadSink.streaming == started - 1  # a finished body gives its share back
