@@ -202,8 +202,10 @@ async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
     if archive is not None and archive != download:
         raise UnsupportedOperation("an archive step into another storage than the download's is not supported yet")
     if download in self.artifacts.object_storages:
-        raise UnsupportedOperation("importing into an object storage is not supported yet (VFS storages only)")
-    self.artifacts.get_vfs(download)
+        if not self.artifacts.object_storages[download].buckets:
+            raise UnsupportedOperation(f"object storage {download!r} has no buckets configured to import into")
+    else:
+        self.artifacts.get_vfs(download)
     context = {"registry_name": args["registry_name"], "registry_type": "huggingface", "storage": download,
                "models": [dict(m) for m in args["models"]], "storage_prefix": args["storage_prefix"]}
     task = self.bgtasks.start("huggingface-import", hf_import_runner(self, context), **context)
@@ -217,9 +219,16 @@ def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
 
     async def run(progress: Any) -> Any:
         client = self.hf_registries.get(context["registry_name"])
-        storage = self.artifacts.get_vfs(context["storage"])
+        name = context["storage"]
+        storage: Any
+        bucket = None
+        if name in self.artifacts.object_storages:  # upstream: into its first bucket
+            storage = await self.pool.run(self.artifacts.get_s3, name)
+            bucket = self.artifacts.object_storages[name].buckets[0]
+        else:
+            storage = self.artifacts.get_vfs(name)
         importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel,
-                            emit=self.publish_events, hub_pool=self.hub_pool)
+                            emit=self.publish_events, hub_pool=self.hub_pool, bucket=bucket)
         return await import_models(progress, importer, list(context["models"]), context.get("storage_prefix"))
 
     return run

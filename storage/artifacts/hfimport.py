@@ -212,6 +212,80 @@ class VFSTarget:
             self.dir_fd = -1
 
 
+class S3Target:
+    """One file's destination in an object storage (upstream: the storage's first bucket).
+
+    A multipart upload tagged ``x-amz-meta-hf-etag``; completed only once size and
+    hash match, aborted otherwise.  An object already there with the listed size
+    and tag is taken as verified (we wrote it so).  A dropped connection resumes
+    into the same upload; after a restart the file starts again (the parts of an
+    unfinished upload are not kept across runs).  Every method blocks (pool).
+    """
+
+    def __init__(self, storage: Any, bucket: str, key: str, f: HubFile) -> None:
+        from storage.artifacts.s3 import validate_key
+
+        self.storage = storage
+        self.bucket = bucket
+        self.key = validate_key(key)
+        self.file = f
+        self.offset = 0
+        self.digest = _Digest(f)
+        self.upload: Any = None
+
+    def _start(self) -> None:
+        import mimetypes
+
+        ctype = mimetypes.guess_type(self.file.path)[0] or "application/octet-stream"
+        self.upload = self.storage.start_upload(self.bucket, self.key, ctype, {"hf-etag": self.file.expected_etag})
+
+    def open(self) -> bool:
+        from storage.artifacts.s3 import s3_error
+
+        try:
+            head = self.storage.client.head_object(Bucket=self.bucket, Key=self.key)
+        except Exception as exc:
+            err = s3_error(exc, bucket=self.bucket, key=self.key)
+            if err.status != 404:
+                raise err from None
+            head = None
+        if (head is not None and head.get("ContentLength") == self.file.size
+                and (head.get("Metadata") or {}).get("hf-etag") == self.file.expected_etag):
+            return True
+        self._start()
+        return False
+
+    def restart(self) -> None:
+        if self.upload is not None:
+            self.upload.abort()
+        self.offset = 0
+        self.digest = _Digest(self.file)
+        self._start()
+
+    def write(self, data: bytes) -> None:
+        if self.offset + len(data) > self.file.size:
+            raise ArtifactVerificationFailed(f"{self.file.path}: the hub sent more than its {self.file.size} bytes")
+        self.upload.write(data)
+        self.digest.update(data)
+        self.offset += len(data)
+
+    def finish(self) -> None:
+        if self.offset != self.file.size or not self.digest.matches():
+            got = self.offset
+            self.upload.abort()
+            self.upload = None
+            raise ArtifactVerificationFailed(
+                f"{self.file.path}: {got} bytes that do not match the hub's {self.file.size} bytes "
+                f"{self.file.expected_etag}")
+        self.upload.finish()
+        self.upload = None
+
+    def close(self) -> None:
+        if self.upload is not None:  # not finished: throw the parts away
+            self.upload.abort()
+            self.upload = None
+
+
 def _space(exc: OSError) -> OSError | InsufficientStorage:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage(exc.strerror or "no space left", errno=exc.errno)
@@ -358,7 +432,7 @@ class Importer:
     """Downloads files of a hub into a VFS storage (one per import task)."""
 
     client: HubClient
-    storage: VFSArtifactStorage
+    storage: Any  # a VFSArtifactStorage, or an S3Storage with ``bucket``
     pool: Any
     reactor: Any
     parallel: int = 4
@@ -367,6 +441,7 @@ class Importer:
     treq: Any = None
     emit: Any = None  # emit(list of storage.events.encoding.Event): the manager's event bus
     hub_pool: Any = None  # where the hub's metadata calls block (default: pool)
+    bucket: str | None = None  # an object storage's bucket: files go there
     commits: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -396,7 +471,8 @@ class Importer:
                 call.cancel()
 
     async def fetch(self, f: HubFile, key: str, progress: Progress) -> FileResult:
-        target = VFSTarget(self.storage, key, f)
+        target: Any = (S3Target(self.storage, self.bucket, key, f) if self.bucket is not None
+                       else VFSTarget(self.storage, key, f))
         if await self.pool.run(target.open):
             progress.advance(f.size)
             return FileResult(f.path, key, f.size, skipped=True)
@@ -484,7 +560,7 @@ async def import_models(
     progress.total = sum(f.size for _, files, _ in listings for f in files or [])
     progress.changed()
     needed = progress.total
-    free = await pool.run(_free_bytes, importer.storage.root)
+    free = None if importer.bucket is not None else await pool.run(_free_bytes, importer.storage.root)
     if free is not None and needed > free:
         raise InsufficientStorage(f"the import needs {needed} bytes; the storage has {free} free")
     results: list[dict[str, Any]] = []

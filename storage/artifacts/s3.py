@@ -215,15 +215,18 @@ class S3Storage:
             raise s3_error(exc, bucket=bucket, key=key) from None
         return {"url": post["url"], "fields": dict(post["fields"])}
 
-    def start_upload(self, bucket: str, key: str, content_type: str | None) -> S3Upload:
+    def start_upload(self, bucket: str, key: str, content_type: str | None,
+                     metadata: dict[str, str] | None = None) -> S3Upload:
         validate_key(key)
-        return S3Upload(self, bucket, key, content_type)
+        return S3Upload(self, bucket, key, content_type, metadata)
 
 
 class S3Upload:
     """One object arriving: buffered up to one part, then sent as a multipart upload."""
 
-    def __init__(self, storage: S3Storage, bucket: str, key: str, content_type: str | None) -> None:
+    def __init__(self, storage: S3Storage, bucket: str, key: str, content_type: str | None,
+                 metadata: dict[str, str] | None = None) -> None:
+        self.metadata = metadata  # x-amz-meta-* of the object
         self.storage = storage
         self.client = storage.client
         self.bucket = bucket
@@ -253,6 +256,8 @@ class S3Upload:
                 args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key}
                 if self.content_type:
                     args["ContentType"] = self.content_type
+                if self.metadata:
+                    args["Metadata"] = self.metadata
                 self.upload_id = self.client.create_multipart_upload(**args)["UploadId"]
             number = len(self.parts) + 1
             if number > MAX_PARTS:
@@ -269,6 +274,8 @@ class S3Upload:
                 args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key, "Body": bytes(self.buf)}
                 if self.content_type:
                     args["ContentType"] = self.content_type
+                if self.metadata:
+                    args["Metadata"] = self.metadata
                 self.client.put_object(**args)
             else:
                 if self.buf:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -462,3 +463,48 @@ def test_a_cancelled_import_keeps_its_staged_bytes(proxy: tuple[StorageProxyProc
     assert task["status"] == "done", task
     assert stored(base, "cancelled") == hub.content[f"{MODEL}@main"]
     assert hub.get("/_stats")["model.safetensors"]["ranged"] == before["ranged"] + 1
+
+
+@pytest.mark.rgw
+@pytest.mark.skipif(not os.environ.get("RGW_ENDPOINT"), reason="no radosgw: set RGW_ENDPOINT/RGW_ACCESS_KEY/"
+                    "RGW_SECRET_KEY (../shared/cephfs/rgw-up.sh)")
+def test_import_into_an_object_storage(tmp_path: Path, hub: HubServer) -> None:
+    """Into a real S3 (radosgw), the storage's first bucket, through a dropped connection; a second
+    import finds every object tagged with its hash and downloads nothing."""
+    import uuid
+
+    import botocore.session
+    from botocore.config import Config
+
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=os.environ["RGW_ENDPOINT"], region_name="us-east-1",
+        aws_access_key_id=os.environ["RGW_ACCESS_KEY"], aws_secret_access_key=os.environ["RGW_SECRET_KEY"],
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    bucket = f"hf-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
+        "artifact-storages": {"s3": {"type": "object_storage", "object-storage": {
+            "endpoint": os.environ["RGW_ENDPOINT"], "access-key": os.environ["RGW_ACCESS_KEY"],
+            "secret-key": os.environ["RGW_SECRET_KEY"], "region": "us-east-1", "buckets": [bucket]}}},
+        "artifact-registries": {"hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}}},
+    })
+    try:
+        daemon.start()
+        hub.post("/_faults", {"path": "model.safetensors", "drop_after": 1_500_000, "times": 1})
+        body = {"registry_name": "hf", "models": [{"model_id": MODEL}],
+                "storage_step_target_mappings": {"download": {"storage_name": "s3"}}}
+        task = run_import(daemon, body, timeout=60)
+        assert task["status"] == "done", task
+        assert task["result"]["models"][0]["retries"] == 1
+        for path, data in hub.content[f"{MODEL}@main"].items():
+            got = s3.get_object(Bucket=bucket, Key=f"{MODEL}/main/{path}")["Body"].read()
+            assert got == data, path
+        before = hub.get("/_stats")
+        task = run_import(daemon, body, timeout=60)
+        assert task["status"] == "done" and task["result"]["models"][0]["skipped"] == 6, task
+        assert hub.get("/_stats") == before
+    finally:
+        daemon.stop(timeout=10)
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
