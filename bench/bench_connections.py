@@ -160,10 +160,11 @@ async def upload(port: int, token: str, body: bytes, rate: int, tick: float, out
 
 
 async def run_load(daemon: Daemon, tokens: list[str], bodies: list[bytes], args: argparse.Namespace,
-                   out: Outcome, samples: list[int]) -> list[bool]:
+                   out: Outcome, samples: list[int], timeline: list[tuple[float, int, int]]) -> list[bool]:
     async def sampler() -> None:
         while True:
             samples.append(rss_bytes(daemon.pid))
+            timeline.append((time.monotonic(), samples[-1], out.open_now))
             await asyncio.sleep(0.2)
 
     sampling = asyncio.create_task(sampler())
@@ -229,7 +230,8 @@ def run_once(args: argparse.Namespace, workdir: Path, env: dict[str, str], extra
                                     *args.py_spy_args.split()],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
-        results = asyncio.run(run_load(daemon, tokens, bodies, args, out, samples))
+        timeline: list[tuple[float, int, int]] = []
+        results = asyncio.run(run_load(daemon, tokens, bodies, args, out, samples, timeline))
         elapsed = time.monotonic() - t0
         loaded_timed, loaded_errors = read_prober(prober)
         loaded = [lat for _, lat in loaded_timed]
@@ -244,14 +246,22 @@ def run_once(args: argparse.Namespace, workdir: Path, env: dict[str, str], extra
                     out.mismatched += 1
         peak = max(samples or [rss0])
         per_conn = (peak - rss0) / max(1, out.open_peak) / 1024
+        # While every connection is open and sending (not the bursts of opening and ending).
+        full = [rss for _, rss, n in timeline if n >= out.open_peak * 0.95] or [peak]
+        steady = statistics.median(full)
+        steady_per_conn = (steady - rss0) / max(1, out.open_peak) / 1024
         print(f"{label}: {args.clients} clients x {args.size} B at {args.rate} B/s, "
               f"waves of {args.wave} every {args.wave_gap * 1000:.0f} ms; {elapsed:.1f} s; peak open {out.open_peak}")
         print(f"  uploads: completed {out.completed}, reset {out.reset}, failed {out.failed}, "
               f"byte mismatch {out.mismatched} {out.errors or ''}")
-        print(f"  daemon RSS: {rss0 / 2**20:.0f} MiB idle, peak {peak / 2**20:.0f} MiB: "
-              f"{per_conn:.1f} KiB per open connection")
+        print(f"  daemon RSS: {rss0 / 2**20:.0f} MiB idle, {steady / 2**20:.0f} MiB while all are open "
+              f"({steady_per_conn:.1f} KiB per connection), peak {peak / 2**20:.0f} MiB "
+              f"({per_conn:.1f} KiB per connection)")
         deltas = {name: after.get(name, 0) - before.get(name, 0) for name in COUNTERS}
         print("  " + ", ".join(f"{name} +{n}" for name, n in deltas.items()))
+        step = max(1, len(timeline) // 8)
+        print("  RSS over time: " + ", ".join(f"{at - t0:.0f} s {rss / 2**20:.0f} MiB ({n} open)"
+                                              for at, rss, n in timeline[::step]))
         i50, i99 = pct(idle, 50), pct(idle, 99)
         l50, l99, lmax = pct(loaded, 50), pct(loaded, 99), max(loaded or [float("nan")])
         print(f"  manager GET / idle:   p50 {i50 * 1000:.1f} ms  p99 {i99 * 1000:.1f} ms  ({len(idle)} probes,"
@@ -262,7 +272,7 @@ def run_once(args: argparse.Namespace, workdir: Path, env: dict[str, str], extra
         print(f"  loaded/idle: p50 x{l50 / i50:.1f}  p99 x{l99 / i99:.1f}"
               f"  (mean {statistics.fmean(loaded or [0]) * 1000:.1f} ms)")
         return {"completed": out.completed, "reset": out.reset, "failed": out.failed, "mismatched": out.mismatched,
-                "kib_per_conn": per_conn, "p50": l50, "p99": l99, "max": lmax,
+                "kib_per_conn": per_conn, "steady_kib_per_conn": steady_per_conn, "p50": l50, "p99": l99, "max": lmax,
                 "overflows": deltas["TcpExtListenOverflows"], "log": daemon.log_path}
     finally:
         os.setpriority(os.PRIO_PROCESS, 0, base_nice)
@@ -330,7 +340,7 @@ def main() -> None:
             base, this = figures
             print("this tree / baseline: " + ", ".join(
                 f"{k} x{this[k] / base[k]:.2f}" if base[k] else f"{k} {base[k]:.0f} -> {this[k]:.0f}"
-                for k in ("reset", "kib_per_conn", "p50", "p99", "max", "overflows")))
+                for k in ("reset", "steady_kib_per_conn", "kib_per_conn", "p50", "p99", "max", "overflows")))
         this = figures[-1]
         if this["completed"] != args.clients or this["mismatched"]:
             raise SystemExit(f"FAILED: {args.clients - this['completed']} uploads did not complete, "
