@@ -98,3 +98,30 @@ def test_import(hf_daemon: tuple[StorageProxyProcess, Path], hub: HubServer) -> 
     root = base / MODEL / "main"
     got = {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     assert got == hub.content[f"{MODEL}@main"]
+
+
+def test_import_into_a_vfolder(hf_daemon: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    """The manager's own vfolder target (``dict.fromkeys(ArtifactStorageImportStep, VFolderStorageTarget)``)."""
+    import uuid
+
+    from ai.backend.common.data.storage.types import ArtifactStorageImportStep, VFolderStorageTarget
+    from ai.backend.common.types import QuotaScopeID, QuotaScopeType, VFolderID
+    from calls import manager_call
+
+    daemon, _ = hf_daemon
+    vfid = VFolderID(QuotaScopeID(QuotaScopeType.USER, uuid.uuid4()), uuid.uuid4())
+
+    async def go() -> None:
+        status, body = await manager_call(daemon, "POST", "/folder/create", {"volume": "local", "vfid": str(vfid)})
+        assert status == 204, body
+        async with manager_for(daemon) as (_, client):
+            target = VFolderStorageTarget(vfolder_id=vfid, volume_name="local")
+            answer = await client.import_huggingface_models(HuggingFaceImportModelsReq(
+                models=[ModelTarget(model_id=OTHER, revision="main")], registry_name="hf",
+                storage_step_target_mappings=dict.fromkeys(ArtifactStorageImportStep, target), storage_prefix="/"))
+            task = await wait_bgtask(daemon, answer.task_id)
+            assert task["status"] == "done", task
+
+    run(go())
+    found = list(daemon.volume_path("local").rglob("weights.bin"))
+    assert [p.read_bytes() for p in found] == [hub.content[f"{OTHER}@main"]["weights.bin"]]

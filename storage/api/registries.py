@@ -26,7 +26,7 @@ from storage.api.manager import ManagerAPI, api_route
 from storage.api.params import Field
 from storage.api.problems import json_body
 from storage.artifacts.huggingface import DEFAULT_REVISION, SORT_KEYS
-from storage.errors import InvalidAPIParameters, StorageError, UnsupportedOperation
+from storage.errors import InvalidAPIParameters, StorageError, UnsupportedOperation, VFolderNotFound
 from storage.paths import validate_relpath
 
 HF = "/v1/registries/huggingface"
@@ -152,21 +152,51 @@ def fetch_metadata(self: ManagerAPI, client: Any, models: list[dict[str, Any]]) 
 # -- import ------------------------------------------------------------------------
 
 
-def _step_storage(args: dict[str, Any], step: str) -> str | None:
-    """The storage name of an import step: ``storage_step_target_mappings`` first, as upstream."""
+def _step_storage(args: dict[str, Any], step: str) -> Any:
+    """An import step's target: a storage name, or ``{"volume", "vfid"}`` for a vfolder
+    (``storage_step_target_mappings`` first, as upstream); None when not given."""
     targets = args.get("storage_step_target_mappings") or {}
     target = targets.get(step)
     if target is not None:
         if isinstance(target, dict) and isinstance(target.get("storage_name"), str):
             return str(target["storage_name"])
-        if isinstance(target, dict) and "vfolder_id" in target:
-            raise UnsupportedOperation("importing into a vfolder (vfolder_id/volume_name) is not supported yet")
-        raise InvalidAPIParameters.field("storage_step_target_mappings", f"{step}: expected {{storage_name}}")
+        if isinstance(target, dict) and "vfolder_id" in target and isinstance(target.get("volume_name"), str):
+            try:
+                vfid = p.vfolder_id(target["vfolder_id"])
+            except p.ParamError as exc:
+                raise InvalidAPIParameters.field("storage_step_target_mappings", f"{step}: vfolder_id: {exc}") from None
+            return {"volume": target["volume_name"], "vfid": str(vfid)}
+        raise InvalidAPIParameters.field("storage_step_target_mappings",
+                                         f"{step}: expected {{storage_name}} or {{vfolder_id, volume_name}}")
     names = args.get("storage_step_mappings") or {}
     name = names.get(step)
     if name is not None and not isinstance(name, str):
         raise InvalidAPIParameters.field("storage_step_mappings", f"{step}: expected a storage name")
     return name
+
+
+class VFolderRoot:
+    """A vfolder as an import's destination: files go below its directory, confined as in a VFS storage."""
+
+    def __init__(self, root: str, name: str) -> None:
+        self.root = root
+        self.name = name
+
+
+def _vfolder_root(self: ManagerAPI, target: dict[str, str]) -> Any:
+    import os
+
+    from storage.vfid import VFolderID
+
+    volume = self.volumes.get(target["volume"])
+    path = volume.vfolder_path(VFolderID.parse(target["vfid"]))
+
+    def resolve() -> str:
+        if not os.path.isdir(path):
+            raise VFolderNotFound(f"no vfolder {target['vfid']} on volume {target['volume']}")
+        return os.path.realpath(path)
+
+    return resolve
 
 
 def _prefix(value: Any) -> str | None:
@@ -201,7 +231,9 @@ async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
     archive = _step_storage(args, "archive")
     if archive is not None and archive != download:
         raise UnsupportedOperation("an archive step into another storage than the download's is not supported yet")
-    if download in self.artifacts.object_storages:
+    if isinstance(download, dict):
+        await self.pool.run(_vfolder_root(self, download))
+    elif download in self.artifacts.object_storages:
         if not self.artifacts.object_storages[download].buckets:
             raise UnsupportedOperation(f"object storage {download!r} has no buckets configured to import into")
     else:
@@ -222,7 +254,9 @@ def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
         name = context["storage"]
         storage: Any
         bucket = None
-        if name in self.artifacts.object_storages:  # upstream: into its first bucket
+        if isinstance(name, dict):  # a vfolder
+            storage = VFolderRoot(await self.pool.run(_vfolder_root(self, name)), name["vfid"])
+        elif name in self.artifacts.object_storages:  # upstream: into its first bucket
             storage = await self.pool.run(self.artifacts.get_s3, name)
             bucket = self.artifacts.object_storages[name].buckets[0]
         else:

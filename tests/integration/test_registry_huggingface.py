@@ -508,3 +508,27 @@ def test_import_into_an_object_storage(tmp_path: Path, hub: HubServer) -> None:
         for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             s3.delete_object(Bucket=bucket, Key=obj["Key"])
         s3.delete_bucket(Bucket=bucket)
+
+
+def test_import_into_a_vfolder(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    """The manager's vfolder target ({vfolder_id, volume_name} for every step), as it sends it."""
+    import uuid
+
+    from storage.vfid import VFolderID
+
+    daemon, _ = proxy
+    vfid = f"user:{uuid.uuid4()}/{uuid.uuid4().hex}"
+    status, _, body = call(daemon, "POST", "/folder/create", {"volume": "local", "vfid": vfid})
+    assert status == 204, body
+    target = {"vfolder_id": vfid, "volume_name": "local"}
+    task = run_import(daemon, {"registry_name": "hf", "models": [{"model_id": OTHER}],
+                               "storage_step_target_mappings": {s: target for s in ("download", "verify", "archive")},
+                               "storage_prefix": "/"})
+    assert task["status"] == "done", task
+    path = daemon.volume_path("local") / VFolderID.parse(vfid).relative_path()
+    assert (path / "weights.bin").read_bytes() == hub.content[f"{OTHER}@main"]["weights.bin"]
+
+    missing = {"vfolder_id": f"user:{uuid.uuid4()}/{uuid.uuid4().hex}", "volume_name": "local"}
+    status, _, body = call(daemon, "POST", f"{HF}/import", {"registry_name": "hf", "models": [{"model_id": OTHER}],
+                                                            "storage_step_target_mappings": {"download": missing}})
+    assert status == 404 and body["error_code"] == "vfolder_read_not-found", body
