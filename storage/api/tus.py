@@ -453,6 +453,17 @@ class TusUploads:
         request.setResponseCode(201)
         return b""
 
+    def finished_state(self, ref: UploadRef) -> UploadState | None:
+        """The token's upload if it is complete, with or without state left (blocking)."""
+        try:
+            state = upload_status(ref.vfolder, ref.session)
+        except UploadNotFound:
+            return self.completed_state(ref)
+        if not state.completed:
+            return None
+        check_claims(ref, state)
+        return state
+
     def completed_state(self, ref: UploadRef) -> UploadState | None:
         """The token's upload, if it completed and left no state (blocking)."""
         if ref.partial:
@@ -707,10 +718,20 @@ class PatchInProgress:
         try:
             # Whose upload it is comes first: a token that disagrees with
             # the upload learns nothing of it (not even its offset).
-            writer = open_writer(ref.vfolder, ref.session, self.offset, self._check)
-        except UploadNotFound:
-            if self.tus.completed_state(ref) is not None:
-                raise UploadCompleted() from None
+            try:
+                writer = open_writer(ref.vfolder, ref.session, self.offset, self._check)
+            except UploadNotFound:
+                if self.tus.completed_state(ref) is not None:
+                    raise UploadCompleted() from None
+                raise
+        except UploadCompleted:
+            # A PATCH that repeats the end of a completed upload (its length as
+            # offset, no bytes) asks nothing: 204 at that offset, as tusd answers,
+            # so the last, empty PATCH of a file the server completed on its own
+            # (an empty one) ends without an error.
+            done = self.tus.finished_state(ref) if self.length == 0 else None
+            if done is not None and done.length == self.offset:
+                self.early_outcome = done
             raise
         try:
             state = writer.state

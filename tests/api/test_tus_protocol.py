@@ -138,9 +138,12 @@ def test_after_completion_head_still_answers_and_patch_is_refused(h):
     assert r.status == 200
     assert (r.header("Upload-Offset"), r.header("Upload-Length")) == ("4", "4")
     before = h.target().stat()
-    for offset, body in ((4, b""), (4, b"x"), (0, b"zzzz")):
+    for offset, body in ((4, b"x"), (0, b"zzzz"), (0, b""), (3, b"")):
         r = h.patch(token, offset, body)
         assert r.status in (409, 413), r
+    # Repeating the end (its length as offset, no bytes) is a 204 that changes nothing.
+    r = h.patch(token, 4, b"")
+    assert (r.status, r.header("Upload-Offset")) == (204, "4")
     assert h.target().read_bytes() == b"abcd"
     assert h.target().stat().st_mtime_ns == before.st_mtime_ns
 
@@ -554,8 +557,11 @@ def test_an_empty_upload_is_complete_at_its_first_head(h):
     assert h.tus.volumes.get("local").invalidated == [h.vfid]
     again = h.head(token)
     assert (again.status, again.header("Upload-Offset")) == (200, "0")
-    assert h.patch(token, 0, b"").status in (404, 409)
+    r = h.patch(token, 0, b"")  # tus-js-client's finishing PATCH of an empty file
+    assert (r.status, r.header("Upload-Offset")) == (204, "0")
+    assert h.patch(token, 0, b"x").status in (409, 413)
     assert h.target().read_bytes() == b""
+    assert leftovers(h) == []
 
 
 def test_an_empty_upload_is_complete_at_creation(h):
