@@ -21,6 +21,7 @@ The table is in ``docs/manager-api.md``.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
@@ -213,6 +214,18 @@ class InsufficientStorage(StorageError):
     title = "Insufficient Storage"
     error_code = "vfolder_execute_unavailable"
     client_error_code = "storage-proxy_create_unavailable"
+
+
+def is_disk_full(exc: OSError) -> bool:
+    """ENOSPC or EDQUOT: the filesystem or the quota is full (XFS says ENOSPC for both)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(exc: OSError) -> OSError | InsufficientStorage:
+    """A full disk or quota as the 507 a client sees; any other OSError as it is."""
+    if is_disk_full(exc):
+        return InsufficientStorage(exc.strerror or "no space left", errno=exc.errno)
+    return exc
 
 
 class ExecutionError(StorageError):

@@ -54,6 +54,7 @@ from storage.errors import (
     NotFound,
     StorageError,
     VFolderNotFound,
+    is_disk_full,
 )
 from storage.paths import is_inside, validate_relpath
 
@@ -158,10 +159,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _disk_full(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 # -- state files --------------------------------------------------------------
@@ -284,7 +281,7 @@ def create_upload(
         )
         write_state(vfolder, state, sync_dir=True)
     except OSError as exc:
-        if _disk_full(exc):
+        if is_disk_full(exc):
             raise InsufficientStorage(f"cannot create the upload: {exc.strerror}") from None
         raise
     return state
@@ -498,7 +495,7 @@ class UploadWriter:
         except OSError as exc:
             # Count what did reach the file: pwrite_all reports the prefix it wrote.
             self.offset += int(getattr(exc, "written", 0) or 0)
-            if _disk_full(exc):
+            if is_disk_full(exc):
                 raise InsufficientStorage(f"the upload does not fit: {exc.strerror}") from None
             raise
         self.offset += n
@@ -630,7 +627,7 @@ class UploadWriter:
                 result.eof = True  # the client reset the connection: what came stays
             else:
                 result.error = (
-                    InsufficientStorage(f"the upload does not fit: {exc.strerror}") if _disk_full(exc) else exc
+                    InsufficientStorage(f"the upload does not fit: {exc.strerror}") if is_disk_full(exc) else exc
                 )
         except BaseException as exc:
             result.error = exc
@@ -649,7 +646,7 @@ class UploadWriter:
         try:
             self._record(offset)
         except OSError as exc:
-            if not _disk_full(exc):
+            if not is_disk_full(exc):
                 raise
             self._record_after_giving_back(offset)
         return self.state
@@ -684,7 +681,7 @@ class UploadWriter:
             try:
                 self._record(offset)
             except OSError as exc:
-                if not _disk_full(exc):
+                if not is_disk_full(exc):
                     raise
                 step *= 4
                 continue
@@ -906,7 +903,7 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
             marked = _set_mark(target, mark)  # a copy that did not carry the xattr
         _fsync_dir(target.parent)
     except OSError as exc:
-        if _disk_full(exc):
+        if is_disk_full(exc):
             raise InsufficientStorage(f"cannot place the uploaded file: {exc.strerror}") from None
         raise
     done = replace(state, offset=writer.offset, completed=True, expires=keep_until,
@@ -1136,7 +1133,7 @@ def concatenate_parts(
         return state
     except OSError as exc:
         writer.rollback()
-        if _disk_full(exc):
+        if is_disk_full(exc):
             raise InsufficientStorage(f"the joined upload does not fit: {exc.strerror}") from None
         raise
     finally:

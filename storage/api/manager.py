@@ -10,7 +10,6 @@ delete and clone, delete-async) run as background tasks that
 
 from __future__ import annotations
 
-import errno as errno_codes
 import functools
 import json
 import os
@@ -55,6 +54,7 @@ from storage.errors import (
     UnsupportedOperation,
     VFolderExists,
     VFolderNotFound,
+    is_disk_full,
 )
 from storage.health import HealthChecker, health_body
 from storage.metrics import ManagerMetrics
@@ -117,7 +117,7 @@ def _encode_listing(entries: list[Any]) -> bytes:
 def _os_error(exc: OSError, vfolder: Path) -> StorageError:
     """Upstream answers an OSError of a file operation with 400 {msg, errno, paths}."""
     msg = exc.strerror or str(exc)
-    if exc.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+    if is_disk_full(exc):
         return InsufficientStorage(msg, errno=exc.errno)
     paths = []
     for name in (exc.filename, exc.filename2):

@@ -27,7 +27,6 @@ The destination key is upstream's: ``{model_id}/{revision}/{path}``, or
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import stat as stat_module
@@ -49,7 +48,7 @@ from storage.artifacts.huggingface import (
 )
 from storage.artifacts.vfs import PART_SUFFIX, VFSArtifactStorage, _open_dirs_beneath
 from storage.bgtasks import Progress, TaskCancelled
-from storage.errors import InsufficientStorage, InvalidAPIParameters, StorageError
+from storage.errors import InsufficientStorage, InvalidAPIParameters, StorageError, no_space
 from storage.paths import open_root, validate_relpath
 
 log = Logger()
@@ -126,7 +125,7 @@ class VFSTarget:
             self.fd = os.open(self.part_name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
                               dir_fd=self.dir_fd)
         except OSError as exc:
-            raise _space(exc) from exc
+            raise no_space(exc) from exc
         size = os.fstat(self.fd).st_size
         if size > self.file.size:
             os.ftruncate(self.fd, 0)
@@ -181,7 +180,7 @@ class VFSTarget:
                 self.offset += n
                 view = view[n:]
         except OSError as exc:
-            raise _space(exc) from exc
+            raise no_space(exc) from exc
 
     def finish(self) -> None:
         """Check size and hash, then rename the staging file over the destination."""
@@ -284,12 +283,6 @@ class S3Target:
         if self.upload is not None:  # not finished: throw the parts away
             self.upload.abort()
             self.upload = None
-
-
-def _space(exc: OSError) -> OSError | InsufficientStorage:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage(exc.strerror or "no space left", errno=exc.errno)
-    return exc
 
 
 class _Interrupted(Exception):

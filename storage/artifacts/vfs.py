@@ -24,7 +24,7 @@ from typing import Any
 from backends.treeops import remove_at
 from storage.artifact_config import VFSStorageConfig
 from storage.artifacts.errors import ArtifactFileNotFound, FileTooLarge
-from storage.errors import InsufficientStorage, InvalidAPIParameters, InvalidPath
+from storage.errors import InvalidAPIParameters, InvalidPath, no_space
 from storage.paths import open_dir_beneath, open_root, resolve_rel, validate_relpath
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -34,12 +34,6 @@ PART_SUFFIX = ".part"
 def content_type_of(name: str) -> str:
     guessed, _ = mimetypes.guess_type(name)
     return guessed or "application/octet-stream"
-
-
-def _space(exc: OSError) -> OSError | InsufficientStorage:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return InsufficientStorage(exc.strerror or "no space left", errno=exc.errno)
-    return exc
 
 
 def _is_part_file(name: str) -> bool:
@@ -214,7 +208,7 @@ def _open_dirs_beneath(root_fd: int, rel: PurePosixPath) -> int:
         os.close(fd)
         if exc.errno == errno.ELOOP:
             raise InvalidPath("filepath: leads outside the storage", data={"filepath": "leads outside the storage"}) from None
-        raise _space(exc) from exc
+        raise no_space(exc) from exc
     return fd
 
 
@@ -240,7 +234,7 @@ class Upload:
             self.fd = os.open(self.part_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                               0o644, dir_fd=self.dir_fd)
         except OSError as exc:
-            raise _space(exc) from exc
+            raise no_space(exc) from exc
 
     def write(self, data: bytes) -> None:
         if self.fd < 0:
@@ -255,7 +249,7 @@ class Upload:
                 n = os.write(self.fd, view)
                 view = view[n:]
         except OSError as exc:
-            raise _space(exc) from exc
+            raise no_space(exc) from exc
 
     def finish(self) -> str:
         """The whole file came: move it into place (an empty file is still a file)."""
