@@ -93,14 +93,17 @@ def test_completed_uploads_leave_nothing_in_the_folder(uploads):
     zf = zipfile.ZipFile(io.BytesIO(r.content))
     assert zf.read("whole.bin") == data and zf.read("empty-head.bin") == b""
 
-    # HEAD after completion answers as before; a PATCH is refused as completed.
+    # HEAD after completion answers as before; a PATCH with bytes is refused as
+    # completed, an empty one repeating the end is a 204 that changes nothing.
     for token, length in ((whole, len(data)), (empty_by_head, 0), (resumed, len(data))):
         r = uploads.head(token)
         assert r.status_code == 200, r.text
         assert (r.headers["Upload-Offset"], r.headers["Upload-Length"]) == (str(length), str(length))
     r = requests.head(uploads.upload_url(empty_by_post) + "&dst_dir=sub", headers=TUS, timeout=30)
     assert (r.status_code, r.headers.get("Upload-Offset")) == (200, "0")
-    assert uploads.patch(whole, len(data), b"").status_code == 409
+    assert uploads.patch(whole, len(data), b"x").status_code in (409, 413)
+    r = uploads.patch(whole, len(data), b"")
+    assert (r.status_code, r.headers.get("Upload-Offset")) == (204, str(len(data)))
     assert (uploads.vfolder / "whole.bin").read_bytes() == data
     assert (uploads.vfolder / "dir" / "resumed.bin").read_bytes() == data
     assert not (uploads.vfolder / ".upload").exists()
