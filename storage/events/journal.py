@@ -27,7 +27,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
-from storage.events.outbox import _append, _line, _open_append, _rewrite_lines, _truncate
+from storage.events.jsonlines import append, encode_line, open_append, rewrite_lines, truncate
 
 log = Logger()
 
@@ -54,8 +54,8 @@ def _load(path: Path) -> tuple[list[dict[str, Any]], int]:
             log.warn("task journal {path}: skipping a damaged line", path=str(path))
     unfinished = list(starts.values())
     if data:
-        _rewrite_lines(path, [_line(r) for r in unfinished])
-    return unfinished, _open_append(path)
+        rewrite_lines(path, [encode_line(r) for r in unfinished])
+    return unfinished, open_append(path)
 
 
 class TaskJournal:
@@ -75,7 +75,7 @@ class TaskJournal:
         await self._lock.acquire()
         try:
             unfinished, self._fd = await self.pool.run(_load, self.path)
-            self._size = sum(len(_line(r)) for r in unfinished)
+            self._size = sum(len(encode_line(r)) for r in unfinished)
         finally:
             self._lock.release()
         for record in unfinished:
@@ -87,12 +87,12 @@ class TaskJournal:
         try:
             if self._fd is None:
                 return
-            data = _line(record)
+            data = encode_line(record)
             if "end" in record and not self._attempts and self._size >= self.compact_size:
-                await self.pool.run(_truncate, self._fd)  # nothing is running: start afresh
+                await self.pool.run(truncate, self._fd)  # nothing is running: start afresh
                 self._size = 0
                 return
-            await self.pool.run(_append, self._fd, data, sync)
+            await self.pool.run(append, self._fd, data, sync)
             self._size += len(data)
         except OSError as exc:
             self.last_error = f"{self.path}: {exc.strerror or exc}"

@@ -26,6 +26,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from storage.events.encoding import TERMINAL, Event
+from storage.events.jsonlines import append, encode_line, open_append, rewrite_lines, truncate
 
 log = Logger()
 
@@ -44,14 +45,6 @@ def default_state_dir(config: Any) -> Path:
         return Path(config.state_dir)
     first = next(iter(config.volumes.values()))
     return Path(first.path) / ".storage-proxy" / "state" / config.node_id
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, set[str]]:
@@ -85,19 +78,7 @@ def _read(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], int, set[str]]:
 
 
 def _rewrite(path: Path, pending: list[tuple[int, dict[str, Any]]]) -> None:
-    _rewrite_lines(path, [_line({"seq": seq, "event": event}) for seq, event in pending])
-
-
-def _rewrite_lines(path: Path, lines: list[bytes]) -> None:
-    """Blocking: replace ``path`` atomically (and durably) with ``lines``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for line in lines:
-            f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    rewrite_lines(path, [encode_line({"seq": seq, "event": event}) for seq, event in pending])
 
 
 def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int, set[str]]:
@@ -113,34 +94,9 @@ def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int, set[str]]
             log.warn("event outbox {path}: dropping an unreadable event {seq}", path=str(path), seq=seq)
     if path.exists():
         _rewrite(path, kept)
-    fd = _open_append(path)
-    size = sum(len(_line({"seq": s, "event": e})) for s, e in kept)
+    fd = open_append(path)
+    size = sum(len(encode_line({"seq": s, "event": e})) for s, e in kept)
     return events, next_seq, fd, size, ended
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-def _open_append(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    _fsync_dir(path.parent)
-    return fd
-
-
-def _append(fd: int, data: bytes, sync: bool) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    if sync:
-        os.fsync(fd)
-
-
-def _truncate(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.fsync(fd)
 
 
 class Outbox:
@@ -186,9 +142,9 @@ class Outbox:
             if self._fd is None:
                 raise OSError(f"event outbox {self.path} is not open")
             seqs = list(range(self._next, self._next + len(events)))
-            data = b"".join(_line({"seq": seq, "event": e.to_json()}) for seq, e in zip(seqs, events, strict=True))
+            data = b"".join(encode_line({"seq": seq, "event": e.to_json()}) for seq, e in zip(seqs, events, strict=True))
             try:
-                await self.pool.run(_append, self._fd, data, True)
+                await self.pool.run(append, self._fd, data, True)
             except OSError as exc:
                 self.last_error = f"{self.path}: {exc.strerror or exc}"
                 raise
@@ -207,11 +163,11 @@ class Outbox:
                 return
             self._pending.discard(seq)
             if not self._pending and self._size >= self.compact_size:
-                await self.pool.run(_truncate, self._fd)
+                await self.pool.run(truncate, self._fd)
                 self._size = 0
                 return
-            data = _line({"ack": seq})
-            await self.pool.run(_append, self._fd, data, False)
+            data = encode_line({"ack": seq})
+            await self.pool.run(append, self._fd, data, False)
             self._size += len(data)
         except OSError as exc:
             # A lost ack re-sends the event after a restart: at least once.
