@@ -2,9 +2,11 @@
 
 An upload whose state says it has expired (``upload-expire`` after creation,
 or, once complete, when its token expires) loses its staging file and state;
-one being written (its lock held) is left for the next sweep.  Staging files
-without a state file (a crash while creating one) and stale temporary state
-files go after a grace period.  The sweep runs in the I/O pool.
+one being written (its lock held) is left for the next sweep.  Completion
+records (of uploads whose target cannot carry the completion xattr) go when
+their token expires.  Staging files without a state file (a crash while
+creating one) and stale temporary state files go after a grace period.
+The sweep runs in the I/O pool.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from storage.uploads import (
     STAGING_DIR,
     STATE_SUFFIX,
     UploadBusy,
+    completion_records_dir,
     is_session_id,
     read_state,
+    remove_expired_completion_records,
     remove_staging_dir_if_empty,
     remove_upload,
 )
@@ -87,7 +91,8 @@ def _older_than(path: Path, now: float, age: float) -> bool:
 
 
 def sweep_volume(root: Path, now: float) -> int:
-    return sum(sweep_vfolder(sdir.parent, now) for sdir in staging_dirs(root))
+    removed = sum(sweep_vfolder(sdir.parent, now) for sdir in staging_dirs(root))
+    return removed + remove_expired_completion_records(completion_records_dir(root), now, ORPHAN_GRACE)
 
 
 class UploadJanitor(TimerService):

@@ -10,8 +10,9 @@ An upload is two files in ``<vfolder>/.upload/``:
 Once complete, nothing of the upload stays in the vfolder: the file at its
 target carries an extended attribute naming the upload (``COMPLETED_XATTR``),
 which is what a HEAD after completion reads; the state file goes and
-``.upload/`` is removed once empty.  Only where the filesystem has no user
-xattrs does the completed state stay in ``.upload/`` until the token expires.
+``.upload/`` is removed once empty.  Where the filesystem has no user
+xattrs, the completed state is kept outside every vfolder instead, in the
+volume's ``completion_records_dir``, until the token expires.
 
 No process memory and no Redis: a restarted daemon, or a second daemon over
 the same shared directory, reads the same state.  A writer holds an
@@ -60,6 +61,9 @@ from storage.paths import is_inside, validate_relpath
 
 STAGING_DIR = ".upload"
 STATE_SUFFIX = ".state"
+# Under a volume's root (its private dir, as the VFS metadata): completion
+# records of uploads whose target cannot carry COMPLETED_XATTR.
+COMPLETION_RECORDS = ".storage-proxy/completed-uploads"
 STATE_VERSION = 1
 DEFAULT_EXPIRE = 7 * 86400.0
 
@@ -153,6 +157,16 @@ def state_path(vfolder: Path, session: str) -> Path:
     return vfolder / STAGING_DIR / (session + STATE_SUFFIX)
 
 
+def completion_records_dir(volume_root: str | Path) -> Path:
+    """Where a volume keeps the completion records of uploads whose target
+    cannot carry ``COMPLETED_XATTR``: beside the volume's vfolders, never in one."""
+    return Path(volume_root) / COMPLETION_RECORDS
+
+
+def completion_record_path(records: Path, session: str) -> Path:
+    return records / (session + STATE_SUFFIX)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -204,12 +218,16 @@ def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) ->
     killed daemon left in the staging file are only trusted on that boot.
     """
     state = replace(state, extra=dict(state.extra, boot_id=current_boot_id()))
-    final = state_path(vfolder, state.session)
+    _replace_file(state_path(vfolder, state.session), state.to_json(), sync_dir=sync_dir)
+
+
+def _replace_file(final: Path, data: bytes, *, sync_dir: bool) -> None:
+    """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
     tmp = final.with_name(f"{final.name}.{_temp_tag()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         try:
-            os.write(fd, state.to_json())
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -879,14 +897,18 @@ def _has_mark(target: Path, mark: bytes) -> bool:
         return False
 
 
-def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float) -> UploadState:
+def complete_upload(
+    writer: UploadWriter, dst_dir: str | None, keep_until: float, records: Path | None = None,
+) -> UploadState:
     """Move the full staging file to its target (blocking, under the writer's lock).
 
     A client that lost the last response can still HEAD the upload: the
     target is marked with ``COMPLETED_XATTR`` (set on the staging file before
     the rename, so the file arrives marked) and the upload's state file and
-    staging dir go.  Without user xattrs the state stays behind marked
-    completed until ``keep_until``.
+    staging dir go.  Without user xattrs the completed state is recorded in
+    ``records`` (the volume's ``completion_records_dir``, outside every
+    vfolder) until ``keep_until``, and the vfolder keeps nothing either; with
+    no ``records`` given it stays in ``.upload/``.
     """
     vfolder = writer.vfolder
     state = writer.state
@@ -909,8 +931,11 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
     done = replace(state, offset=writer.offset, completed=True, expires=keep_until,
                    extra=dict(state.extra, target=str(target)))
     writer.state = done
+    if not marked and records is not None:
+        _write_completion_record(records, vfolder, done)
+        marked = True  # the record says which upload the file is
     if marked:
-        # The file is in place and says which upload it is: the bookkeeping goes.
+        # The file is in place and its upload is known: the bookkeeping goes.
         try:
             state_path(vfolder, state.session).unlink()
         except FileNotFoundError:
@@ -925,11 +950,72 @@ def complete_upload(writer: UploadWriter, dst_dir: str | None, keep_until: float
     return done
 
 
+def _write_completion_record(records: Path, vfolder: Path, done: UploadState) -> None:
+    record = replace(done, extra=dict(done.extra, vfolder=str(vfolder)))
+    records.mkdir(parents=True, exist_ok=True)
+    _replace_file(completion_record_path(records, done.session), record.to_json(), sync_dir=True)
+
+
+def _recorded_completion(records: Path, vfolder: Path, session: str, relpath: str, length: int) -> UploadState | None:
+    """The completion record of ``session``, if it names this vfolder and
+    relpath and its file is still at its target, whole."""
+    try:
+        state = UploadState.from_json(_read_small_file(completion_record_path(records, session)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    extra = state.extra
+    if (state.session != session or not state.completed or state.relpath != relpath
+            or state.length != length or extra.get("vfolder") != str(vfolder)):
+        return None
+    try:
+        st = os.lstat(str(extra.get("target")))
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode) or st.st_size != length:
+        return None
+    return state
+
+
+def remove_expired_completion_records(records: Path, now: float, temp_grace: float) -> int:
+    """Remove the completion records whose token has expired, and temps a
+    killed writer left longer than ``temp_grace`` ago (blocking); returns how
+    many records went."""
+    try:
+        names = os.listdir(records)
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        path = records / name
+        if name.endswith(".tmp"):
+            try:
+                if path.lstat().st_mtime + temp_grace < now:
+                    path.unlink()
+            except OSError:
+                pass
+            continue
+        if not name.endswith(STATE_SUFFIX):
+            continue
+        try:
+            state = UploadState.from_json(_read_small_file(path))
+            expired = state.expires < now
+        except (OSError, ValueError, KeyError, TypeError):
+            expired = True  # unreadable: nothing can ever use it
+        if expired:
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
 def completed_at_target(
     vfolder: Path, session: str, relpath: str, length: int, dst_dir: str | None, expires: float,
-    extra: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None, records: Path | None = None,
 ) -> UploadState | None:
-    """The completed state of an upload whose file is marked at its target, or None (blocking).
+    """The completed state of an upload whose file is marked at its target
+    (or, without user xattrs, recorded in ``records``), or None (blocking).
 
     Looks only: no directory is created, and a path that leads outside the
     vfolder through a symlink is not read.
@@ -950,7 +1036,10 @@ def completed_at_target(
         raw = os.getxattr(target, COMPLETED_XATTR, follow_symlinks=False)
         mark = json.loads(raw)
     except (OSError, ValueError):
-        return None
+        recorded = None if records is None else _recorded_completion(records, vfolder, session, relpath, length)
+        if recorded is None:
+            return None
+        return replace(recorded, expires=expires, extra=dict(extra or {}, target=recorded.extra["target"]))
     if not isinstance(mark, dict) or mark.get("session") != session:
         return None
     return UploadState(
@@ -960,7 +1049,9 @@ def completed_at_target(
     )
 
 
-def complete_if_full(vfolder: Path, session: str, dst_dir: str | None, keep_until: float) -> UploadState | None:
+def complete_if_full(
+    vfolder: Path, session: str, dst_dir: str | None, keep_until: float, records: Path | None = None,
+) -> UploadState | None:
     """An upload whose staging file holds every byte is complete: put the
     file at its target now (blocking).  That is an upload of length 0 as
     soon as it exists, and one whose last bytes a killed daemon staged but
@@ -980,7 +1071,7 @@ def complete_if_full(vfolder: Path, session: str, dst_dir: str | None, keep_unti
         if writer.offset != writer.state.length:
             return None
         fastio.fdatasync(writer.fd)
-        return complete_upload(writer, dst_dir, keep_until)
+        return complete_upload(writer, dst_dir, keep_until, records)
     finally:
         writer.close()
 
@@ -1087,7 +1178,7 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
 
 def concatenate_parts(
     vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float,
-    check: Callable[[UploadState], Any] | None = None,
+    check: Callable[[UploadState], Any] | None = None, records: Path | None = None,
 ) -> UploadState:
     """Join complete partial uploads into the token's upload with copy_file_range.
 
@@ -1125,7 +1216,7 @@ def concatenate_parts(
             writer.offset += copied
         writer.state = replace(writer.state, kind=FINAL, parts=tuple(parts))
         writer.commit()
-        state = complete_upload(writer, dst_dir, keep)
+        state = complete_upload(writer, dst_dir, keep, records)
         for pw in part_writers:
             pw.close()
         for part in parts:

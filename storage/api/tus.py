@@ -57,6 +57,7 @@ from storage.uploads import (
     complete_if_full,
     complete_upload,
     completed_at_target,
+    completion_records_dir,
     concatenate_parts,
     create_upload,
     is_session_id,
@@ -243,6 +244,8 @@ class UploadRef:
     session: str  # the token's session, or a partial upload's id
     partial: bool
     dst_dir: str | None
+    # The volume's completion records (uploads.completion_records_dir).
+    records: Path | None = None
 
     def location(self, session: str | None = None) -> str:
         """A URL reference, relative to ``/upload``, that names an upload under this token."""
@@ -294,11 +297,12 @@ class TusUploads:
             validate_relpath(dst_dir, "dst_dir")
         volume = self.volumes.get(token.volume)
         vfolder = Path(volume.vfolder_path(token.vfid))
+        records = completion_records_dir(volume.root)
         if rest:
             if not is_session_id(rest):
                 raise UploadNotFound(f"no such upload: {rest!r}")
-            return UploadRef(token, raw or "", vfolder, rest, True, dst_dir)
-        return UploadRef(token, raw or "", vfolder, token.session, False, dst_dir)
+            return UploadRef(token, raw or "", vfolder, rest, True, dst_dir, records)
+        return UploadRef(token, raw or "", vfolder, token.session, False, dst_dir, records)
 
     def common_headers(self, request: Any) -> None:
         request.defaultContentType = None  # tus answers have no body
@@ -471,11 +475,13 @@ class TusUploads:
         token = ref.token
         return completed_at_target(
             ref.vfolder, ref.session, token.relpath, token.size, ref.dst_dir, token.exp,
-            extra={"vfid": str(token.vfid), "volume": token.volume},
+            extra={"vfid": str(token.vfid), "volume": token.volume}, records=ref.records,
         )
 
     async def complete_full(self, ref: UploadRef) -> UploadState | None:
-        state = await self.pool.run(complete_if_full, ref.vfolder, ref.session, ref.dst_dir, ref.token.exp)
+        state = await self.pool.run(
+            complete_if_full, ref.vfolder, ref.session, ref.dst_dir, ref.token.exp, ref.records,
+        )
         if state is not None and state.completed:
             with contextlib.suppress(StorageError):
                 self.volumes.get(ref.token.volume).invalidate_usage(ref.token.vfid)
@@ -512,7 +518,7 @@ class TusUploads:
     async def concatenate(self, request: Any, ref: UploadRef, parts: list[str]) -> bytes:
         state = await self.pool.run(
             concatenate_parts, ref.vfolder, ref.token.session, parts, ref.dst_dir, ref.token.exp,
-            lambda main: check_claims(ref, main),
+            lambda main: check_claims(ref, main), ref.records,
         )
         request.setHeader(b"Location", ref.location().encode())
         self.state_headers(request, ref, state)
@@ -601,9 +607,12 @@ class SocketThreads(BlockingPool):
 class PatchTarget:
     """The staging file, locked, seen from the reactor: writes and the end run in the pool."""
 
-    def __init__(self, pool: Any, writer: UploadWriter, checksum: tuple[str, bytes] | None) -> None:
+    def __init__(
+        self, pool: Any, writer: UploadWriter, checksum: tuple[str, bytes] | None, records: Path | None = None,
+    ) -> None:
         self.pool = pool
         self.writer = writer
+        self.records = records
         self.checksum = checksum
         self.hasher = CHECKSUMS[checksum[0]]() if checksum else None
         writer.checkpoints = checksum is None
@@ -638,7 +647,7 @@ class PatchTarget:
                 ):
                     writer.rollback()
                     raise ChecksumMismatch(f"the {self.checksum[0]} of the body does not match Upload-Checksum")
-                state = self._record(writer, dst_dir, keep)
+                state = self._record(writer, dst_dir, keep, self.records)
             if error is not None:
                 raise error
             return state
@@ -646,13 +655,13 @@ class PatchTarget:
             writer.close()
 
     @staticmethod
-    def _record(writer: UploadWriter, dst_dir: str | None, keep: float) -> UploadState:
+    def _record(writer: UploadWriter, dst_dir: str | None, keep: float, records: Path | None) -> UploadState:
         """Record the bytes written; a complete upload goes to its target."""
         if writer.offset == writer.state.length and writer.state.kind == NORMAL:
             # The completed state records the offset too: one state write, not two.
             fastio.fdatasync(writer.fd)
             try:
-                return complete_upload(writer, dst_dir, keep)
+                return complete_upload(writer, dst_dir, keep, records)
             except BaseException:
                 writer.commit()  # the bytes stay; a later PATCH completes the move
                 raise
@@ -744,7 +753,7 @@ class PatchInProgress:
         except BaseException:
             writer.close()
             raise
-        return PatchTarget(self.tus.body_pool, writer, self.checksum)
+        return PatchTarget(self.tus.body_pool, writer, self.checksum, self.ref.records)
 
     def _check(self, state: UploadState) -> None:
         """Under the upload's lock, before its offset is looked at."""
