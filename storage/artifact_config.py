@@ -84,7 +84,10 @@ class RegistryConfig:
     manager_access_key: str | None = field(default=None, repr=False)
     manager_secret_key: str | None = field(default=None, repr=False)
     manager_api_version: str | None = None
-    storage_name: str | None = None
+    storage_name: str | None = None  # the source's VFS storage (on the remote side)
+    # ours: the remote storage proxy's manager API itself, instead of a manager in front of it
+    storage_proxy_endpoint: str | None = None
+    storage_proxy_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -252,21 +255,56 @@ def _registry(name: str, kind: Any, t: _Table, type_key: str) -> RegistryConfig:
             download_chunk_size=t_int(t, "download-chunk-size", 8192, 1),
             read_timeout=float(t_int(t, "read-timeout", 60, 1)),
         )
-    endpoint = _url(t, "endpoint", t.req("endpoint"))
+    return _reservoir(name, t)
+
+
+_API_VERSION_RE = re.compile(r"^v[0-9]+(\.[0-9]{8})?$")
+
+
+def _reservoir(name: str, t: _Table) -> RegistryConfig:
+    """Upstream's reservoir keys; what reaches the source is checked here, at start."""
+    endpoint = t.string("endpoint")
+    endpoint = _url(t, "endpoint", endpoint) if endpoint else "https://huggingface.co"  # upstream's default
     manager_endpoint = t.string("manager-endpoint")
     if manager_endpoint:
         manager_endpoint = _url(t, "manager-endpoint", manager_endpoint)
+    direct = t.string("storage-proxy-endpoint")
+    if direct:
+        direct = _url(t, "storage-proxy-endpoint", direct)
+    if manager_endpoint and direct:
+        raise ConfigError(t.key("storage-proxy-endpoint"), "give either manager-endpoint or storage-proxy-endpoint")
+    if not manager_endpoint and not direct:
+        raise ConfigError(t.key("manager-endpoint"),
+                          "required (the source's manager), or storage-proxy-endpoint (its storage proxy)")
+    token = t.string("storage-proxy-token")
+    if direct and not token:
+        raise ConfigError(t.key("storage-proxy-token"), "required with storage-proxy-endpoint")
+    access = t.string("manager-access-key")
+    secret = t.string("manager-secret-key")
+    version = t.string("manager-api-version")
+    if manager_endpoint:
+        for key, value in (("manager-access-key", access), ("manager-secret-key", secret),
+                           ("manager-api-version", version)):
+            if not value:
+                raise ConfigError(t.key(key), "required with manager-endpoint")
+        if version and not _API_VERSION_RE.match(version):
+            raise ConfigError(t.key("manager-api-version"), f"expected a version such as 'v9', got {version!r}")
+    storage_name = t.req("storage-name")
+    _check_name(t.key("storage-name"), storage_name)
     return RegistryConfig(
-        name=name, type=kind, endpoint=endpoint,
+        name=name, type="reservoir", endpoint=endpoint,
         download_chunk_size=t_int(t, "download-chunk-size", 8192, 1),
+        read_timeout=float(t_int(t, "read-timeout", 60, 1)),
         object_storage_access_key=t.string("object-storage-access-key"),
         object_storage_secret_key=t.string("object-storage-secret-key"),
         object_storage_region=t.string("object-storage-region"),
-        manager_endpoint=manager_endpoint,
-        manager_access_key=t.string("manager-access-key"),
-        manager_secret_key=t.string("manager-secret-key"),
-        manager_api_version=t.string("manager-api-version"),
-        storage_name=t.string("storage-name"),
+        manager_endpoint=manager_endpoint or None,
+        manager_access_key=access,
+        manager_secret_key=secret,
+        manager_api_version=version,
+        storage_name=storage_name,
+        storage_proxy_endpoint=direct or None,
+        storage_proxy_token=token,
     )
 
 
@@ -307,8 +345,6 @@ def parse_artifact_config(root: dict[str, Any]) -> ArtifactConfig:
             raise ConfigError(t.key("name"), f"registry {name!r} is defined twice")
         inner = t.sub("config")
         registries[name] = _registry(name, inner.t.get("type"), inner, inner.key("type"))
-    for reg in registries.values():
-        if reg.storage_name is not None and reg.storage_name not in storages:
-            raise ConfigError(f"[artifact-registries.{reg.name}] storage-name",
-                              f"no artifact storage named {reg.storage_name!r}")
+    # A reservoir's storage-name is the source's storage, on the remote side (upstream sends it
+    # there), so it is not looked up among ours.
     return ArtifactConfig(storages, registries)

@@ -257,18 +257,42 @@ async def vfs_download_file(self: ManagerAPI, request: Any, storage_name: str) -
     args = self._params(request, Field("filepath", _filepath), allow_extra=True)
     storage = self.artifacts.get_vfs(storage_name)
     content_type, length, source = await self.pool.run(storage.open_download, args["filepath"])
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", content_type.encode("latin-1"))
     if isinstance(source, int):
-        assert length is not None
-        request.setHeader(b"Content-Length", str(length).encode())
-        reader = FileRangeReader(source, 0, length, max(storage.config.download_chunk_size, 1 << 18))
+        # Ours: a file honours Range / If-Range (and sends its ETag and Last-Modified), so a
+        # reservoir import from this storage resumes a file where it was cut off.
+        import os
+
+        from storage.api.downloads import plan_file_response
+
+        try:
+            plan = plan_file_response(request, await self.pool.run(os.fstat, source))
+        except BaseException:
+            os.close(source)
+            raise
+        request.setResponseCode(plan.status if plan.status in (200, 206) else 200)
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
+        request.setHeader(b"ETag", plan.validators.etag.encode())
+        request.setHeader(b"Last-Modified", _http_date(plan.validators.mtime))
+        request.setHeader(b"Accept-Ranges", b"bytes")
+        offset, count = (plan.offset, plan.count) if plan.status == 206 else (0, length or 0)
+        if plan.status == 206:
+            request.setHeader(b"Content-Range", plan.content_range.encode())
+        request.setHeader(b"Content-Length", str(count).encode())
+        reader = FileRangeReader(source, offset, count, max(storage.config.download_chunk_size, 1 << 18))
         await ChunkProducer(request, reader, self.pool, close=reader.close, kind="pread",
                             reactor=self.reactor).start()
     else:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", content_type.encode("latin-1"))
         await ChunkProducer(request, lambda: next(source, b""), self.pool, close=source.close, kind="tar",
                             reactor=self.reactor).start()
     return b""
+
+
+def _http_date(seconds: int) -> bytes:
+    from email.utils import formatdate
+
+    return formatdate(seconds, usegmt=True).encode()
 
 
 # -- the object-storage routes -------------------------------------------------------

@@ -279,7 +279,10 @@ class ManagerAPI:
         self.artifacts = ArtifactStorages(getattr(config, "artifacts", None), getattr(config, "io_threads", 16))
         artifact_config = getattr(config, "artifacts", None)
         self.hf_registries = HuggingFaceRegistries(artifact_config.registries if artifact_config else None)
-        self.hf_parallel = 4  # files of one model downloaded at once
+        from storage.artifacts.reservoir import ReservoirRegistries
+
+        self.reservoir_registries = ReservoirRegistries(artifact_config.registries if artifact_config else None)
+        self.hf_parallel = 4  # files of one model downloaded at once (HuggingFace and reservoir imports)
         # Hub calls (huggingface_hub is synchronous) get threads of their own: a hub
         # that hangs must not hold the threads every filesystem route needs.
         from storage.blocking import BlockingPool
@@ -839,7 +842,7 @@ class ManagerAPI:
                 "storage-proxy stopped during the clone; the partial destination was removed"
             )
 
-        if name == "huggingface-import":
+        if name in ("huggingface-import", "reservoir-import"):
             from storage.api.registries import hf_import_runner
 
             return hf_import_runner(self, context)

@@ -30,6 +30,7 @@ from storage.errors import InvalidAPIParameters, StorageError, UnsupportedOperat
 from storage.paths import validate_relpath
 
 HF = "/v1/registries/huggingface"
+RESERVOIR = "/v1/registries/reservoir"
 log = Logger()
 
 
@@ -219,12 +220,52 @@ class StorageStepNotProvided(StorageError):
 
 @api_route(HF + "/import", "POST", name=HF + "/import")
 async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
-    args = self._params(
-        request, Field("registry_name", p.string), Field("models", model_targets),
-        Field("storage_step_mappings", p.nullable(p.mapping), None),
-        Field("storage_step_target_mappings", p.nullable(p.mapping), None),
-        Field("storage_prefix", _prefix, None), allow_extra=True)
-    self.hf_registries.get(args["registry_name"])  # an unknown registry: 404 now, not a failed task
+    return await _start_import(self, request, "huggingface")
+
+
+@api_route(RESERVOIR + "/import", "POST", name=RESERVOIR + "/import")
+async def reservoir_import_models(self: ManagerAPI, request: IRequest) -> bytes:
+    """Upstream's reservoir import: the files of each model's directory in another Backend.AI's
+    VFS storage (``storage.artifacts.reservoir``), through the same importer as HuggingFace's."""
+    return await _start_import(self, request, "reservoir")
+
+
+def _targets_as_given(value: Any) -> list[dict[str, Any]]:
+    """Model targets with no default revision (None stays None)."""
+    targets = model_targets(value)
+    for target, given in zip(targets, value, strict=True):
+        if not given.get("revision"):
+            target["revision"] = None  # type: ignore[assignment]
+    return targets
+
+
+def _revision_ids(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise p.ParamError("expected a list of artifact revision ids")
+    return list(value)
+
+
+async def _start_import(self: ManagerAPI, request: IRequest, kind: str) -> bytes:
+    targets = model_targets if kind == "huggingface" else _targets_as_given
+    fields = [Field("registry_name", p.string), Field("models", targets),
+              Field("storage_step_mappings", p.nullable(p.mapping), None),
+              Field("storage_step_target_mappings", p.nullable(p.mapping), None),
+              Field("storage_prefix", _prefix, None)]
+    if kind == "reservoir":
+        fields.append(Field("artifact_revision_ids", p.nullable(_revision_ids), None))
+    args = self._params(request, *fields, allow_extra=True)
+    registries = self.hf_registries if kind == "huggingface" else self.reservoir_registries
+    registries.get(args["registry_name"])  # an unknown registry: 404 now, not a failed task
+    models = args["models"]
+    if kind == "reservoir":
+        from storage.artifacts.reservoir import ArtifactRevisionEmpty
+
+        for model in models:
+            if model["revision"] is None:  # upstream: a reservoir has no default revision
+                raise ArtifactRevisionEmpty(f"revision must be specified for model {model['model_id']}")
+        ids = args.get("artifact_revision_ids")
+        if ids is not None and len(ids) != len(models):
+            raise InvalidAPIParameters.field("artifact_revision_ids", "needs one id per model")
     download = _step_storage(args, "download")
     if download is None:
         raise StorageStepNotProvided("no storage mapping provided for the download step")
@@ -238,19 +279,23 @@ async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
             raise UnsupportedOperation(f"object storage {download!r} has no buckets configured to import into")
     else:
         self.artifacts.get_vfs(download)
-    context = {"registry_name": args["registry_name"], "registry_type": "huggingface", "storage": download,
-               "models": [dict(m) for m in args["models"]], "storage_prefix": args["storage_prefix"]}
-    task = self.bgtasks.start("huggingface-import", hf_import_runner(self, context), **context)
+    context = {"registry_name": args["registry_name"], "registry_type": kind, "storage": download,
+               "models": [dict(m) for m in models], "storage_prefix": args["storage_prefix"]}
+    task = self.bgtasks.start(f"{kind}-import", hf_import_runner(self, context), **context)
     return json_body(request, {"task_id": str(task.task_id)}, 202)
 
 
 def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
     """The body of an import task from its context: also how a killed daemon's import resumes
-    (``ManagerAPI.task_runner``), from the files it had verified or staged."""
+    (``ManagerAPI.task_runner``), from the files it had verified or staged.  HuggingFace and
+    reservoir imports share it (``context["registry_type"]``)."""
     from storage.artifacts.hfimport import Importer, import_models
 
     async def run(progress: Any) -> Any:
-        client = self.hf_registries.get(context["registry_name"])
+        if context.get("registry_type", "huggingface") == "reservoir":
+            client: Any = self.reservoir_registries.get(context["registry_name"])
+        else:
+            client = self.hf_registries.get(context["registry_name"])
         name = context["storage"]
         storage: Any
         bucket = None

@@ -78,11 +78,16 @@ def _etag(value: bytes | None) -> str | None:
 
 
 class _Digest:
-    """The hash a file is checked against: sha256 of the bytes (LFS) or its git blob id."""
+    """The hash a file is checked against: sha256 of the bytes (LFS) or its git blob id.
 
-    def __init__(self, f: HubFile) -> None:
+    A source that lists no hash (a reservoir: another storage proxy's VFS
+    storage) has ``expected_etag`` None: its bytes are hashed (sha256, reported)
+    and checked by size and version instead (``storage.artifacts.reservoir``).
+    """
+
+    def __init__(self, f: Any) -> None:
         self.file = f
-        if f.sha256:
+        if f.sha256 or f.expected_etag is None:
             self.h = hashlib.sha256()
         else:
             self.h = hashlib.sha1()
@@ -92,20 +97,31 @@ class _Digest:
         self.h.update(data)
 
     def matches(self) -> bool:
-        return self.h.hexdigest() == self.file.expected_etag
+        return self.file.expected_etag is None or self.h.hexdigest() == self.file.expected_etag
+
+
+def _stage_tag(f: Any) -> str:
+    """What names a file's staging file: the same for the same version of the file, across runs."""
+    return str(getattr(f, "stage_tag", None) or f.expected_etag)[:16]
+
+
+def _object_tags(f: Any) -> dict[str, str]:
+    """The metadata an object storage's copy carries, and that marks it verified."""
+    tags = getattr(f, "object_tags", None)
+    return dict(tags) if tags is not None else {"hf-etag": f.expected_etag}
 
 
 class VFSTarget:
     """One file's destination in a VFS storage.  Every method blocks (pool)."""
 
-    def __init__(self, storage: VFSArtifactStorage, key: str, f: HubFile) -> None:
+    def __init__(self, storage: VFSArtifactStorage, key: str, f: Any) -> None:
         self.storage = storage
         self.file = f
         rel = validate_relpath(key, "filepath")
         if str(rel) in (".", ""):
             raise InvalidAPIParameters.field("filepath", f"{key!r} names the storage root")
         self.rel = PurePosixPath(rel)
-        self.part_name = f".{self.rel.name[:150]}.{f.expected_etag[:16]}{PART_SUFFIX}"
+        self.part_name = f".{self.rel.name[:150]}.{_stage_tag(f)}{PART_SUFFIX}"
         self.dir_fd = -1
         self.fd = -1
         self.offset = 0
@@ -142,6 +158,9 @@ class VFSTarget:
             st = os.fstat(fd)
             if not stat_module.S_ISREG(st.st_mode) or st.st_size != self.file.size:
                 return False
+            mtime_ns = getattr(self.file, "mtime_ns", None)
+            if mtime_ns is not None:  # no hash listed: the source's size and mtime, which finish() set
+                return st.st_mtime_ns == mtime_ns
             digest = _Digest(self.file)
             while chunk := os.read(fd, HASH_CHUNK):
                 digest.update(chunk)
@@ -191,6 +210,9 @@ class VFSTarget:
             raise ArtifactVerificationFailed(
                 f"{self.file.path}: the bytes do not match the hub's {'sha256' if self.file.sha256 else 'blob id'} "
                 f"{self.file.expected_etag}")
+        mtime_ns = getattr(self.file, "mtime_ns", None)
+        if mtime_ns is not None:
+            os.utime(self.fd, ns=(mtime_ns, mtime_ns))
         os.fsync(self.fd)
         try:
             st = os.stat(self.rel.name, dir_fd=self.dir_fd, follow_symlinks=False)
@@ -221,7 +243,7 @@ class S3Target:
     unfinished upload are not kept across runs).  Every method blocks (pool).
     """
 
-    def __init__(self, storage: Any, bucket: str, key: str, f: HubFile) -> None:
+    def __init__(self, storage: Any, bucket: str, key: str, f: Any) -> None:
         from storage.artifacts.s3 import validate_key
 
         self.storage = storage
@@ -236,7 +258,7 @@ class S3Target:
         import mimetypes
 
         ctype = mimetypes.guess_type(self.file.path)[0] or "application/octet-stream"
-        self.upload = self.storage.start_upload(self.bucket, self.key, ctype, {"hf-etag": self.file.expected_etag})
+        self.upload = self.storage.start_upload(self.bucket, self.key, ctype, _object_tags(self.file))
 
     def open(self) -> bool:
         from storage.artifacts.s3 import s3_error
@@ -248,9 +270,10 @@ class S3Target:
             if err.status != 404:
                 raise err from None
             head = None
-        if (head is not None and head.get("ContentLength") == self.file.size
-                and (head.get("Metadata") or {}).get("hf-etag") == self.file.expected_etag):
-            return True
+        if head is not None and head.get("ContentLength") == self.file.size:
+            meta = head.get("Metadata") or {}
+            if all(meta.get(k) == v for k, v in _object_tags(self.file).items()):
+                return True
         self._start()
         return False
 
@@ -437,6 +460,10 @@ class Importer:
     bucket: str | None = None  # an object storage's bucket: files go there
     commits: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def _source(self) -> str:
+        return "hub" if self.client.config.type == "huggingface" else "source"
+
     def __post_init__(self) -> None:
         if self.treq is None:
             from treq.client import HTTPClient
@@ -454,6 +481,18 @@ class Importer:
             headers[b"Range"] = [f"bytes={offset}-".encode()]
         return headers
 
+    def _request(self, f: Any, offset: int) -> Any:
+        """The download of ``f`` from ``offset``: the hub's GET, or what the source says
+        (``client.download_request(f, offset)``: method, url, headers, body)."""
+        custom = getattr(self.client, "download_request", None)
+        if custom is not None:
+            method, url, headers, body = custom(f, offset)
+            merged = {b"Accept-Encoding": [b"identity"], b"User-Agent": [b"storage-proxy"], **headers}
+            return self.treq.request(method, url, headers=merged, data=body, allow_redirects=True,
+                                     unbuffered=True, timeout=60)
+        return self.treq.get(f.url, headers=self._headers(offset), allow_redirects=True, unbuffered=True,
+                             timeout=60)
+
     async def _sleep(self, seconds: float) -> None:
         d: Deferred[None] = Deferred()
         call = self.reactor.callLater(seconds, d.callback, None)
@@ -463,7 +502,7 @@ class Importer:
             if call.active():
                 call.cancel()
 
-    async def fetch(self, f: HubFile, key: str, progress: Progress) -> FileResult:
+    async def fetch(self, f: Any, key: str, progress: Progress) -> FileResult:
         target: Any = (S3Target(self.storage, self.bucket, key, f) if self.bucket is not None
                        else VFSTarget(self.storage, key, f))
         if await self.pool.run(target.open):
@@ -491,11 +530,10 @@ class Importer:
         finally:
             await self.pool.run(target.close)
 
-    async def _get(self, f: HubFile, target: VFSTarget, progress: Progress) -> None:
+    async def _get(self, f: Any, target: Any, progress: Progress) -> None:
         offset = target.offset
         try:
-            response = await self.treq.get(f.url, headers=self._headers(offset), allow_redirects=True,
-                                           unbuffered=True, timeout=60)
+            response = await self._request(f, offset)
         except Exception as exc:  # refused, reset, timed out: the hub may come back
             raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
         code = response.code
@@ -508,10 +546,12 @@ class Importer:
             raise _Interrupted(f"HTTP {code}")
         if code not in (200, 206):
             await _discard(response)
-            raise HuggingFaceAPIError(f"{f.path}: the hub answered HTTP {code}")
+            if code == 404 and getattr(f, "missing_error", None) is not None:
+                raise f.missing_error(f"{f.path}: gone from the source (HTTP 404)")
+            raise HuggingFaceAPIError(f"{f.path}: the {self._source} answered HTTP {code}")
         tag = _etag(headers.getRawHeaders(b"X-Linked-Etag", [None])[0]) or _etag(
             headers.getRawHeaders(b"ETag", [None])[0])
-        if tag is not None and tag != f.expected_etag:
+        if tag is not None and f.expected_etag is not None and tag != f.expected_etag:
             await _discard(response)
             raise ArtifactVerificationFailed(
                 f"{f.path}: the hub's etag {tag} is not the listed {f.expected_etag} (changed mid-import?)")
@@ -526,6 +566,11 @@ class Importer:
             if not content_range.startswith(f"bytes {offset}-"):
                 await _discard(response)
                 raise HuggingFaceAPIError(f"{f.path}: asked for bytes from {offset}, got {content_range!r}")
+        length = headers.getRawHeaders(b"Content-Length", [None])[0]
+        if code == 200 and length is not None and length.isdigit() and int(length) != f.size:
+            await _discard(response)  # the source's file is not the listed one (changed since?)
+            raise ArtifactVerificationFailed(f"{f.path}: the {self._source} sends {int(length)} bytes, "
+                                             f"listed {f.size}")
         sink = _BodySink(target, self.pool, progress, self.reactor, self.client.config.read_timeout)
         response.deliverBody(sink)
         await sink.done
@@ -547,7 +592,10 @@ async def import_models(
     listings: list[tuple[dict[str, str], list[HubFile] | None, str | None]] = []
     for m in models:
         try:
-            listings.append((m, await hub_pool.run(client.files, m["model_id"], m["revision"]), None))
+            files_for = getattr(client, "files_for", None)  # a source laid out under the prefix too
+            listing = (await hub_pool.run(files_for, m["model_id"], m["revision"], prefix) if files_for is not None
+                       else await hub_pool.run(client.files, m["model_id"], m["revision"]))
+            listings.append((m, listing, None))
         except StorageError as exc:
             listings.append((m, None, str(exc)))
     progress.total = sum(f.size for _, files, _ in listings for f in files or [])
@@ -562,7 +610,7 @@ async def import_models(
         results.append(entry)
         if files is None:
             entry["error"] = error
-            _emit(importer, [model_import_done(m, client.config.name, False, None)])
+            _emit(importer, [model_import_done(m, client.config.name, False, None, client.config.type)])
             continue
         progress.message = f"importing {m['model_id']}@{m['revision']} ({len(files)} files)"
         progress.changed()
@@ -584,7 +632,7 @@ async def import_models(
             for failure in failures:
                 if not failure.check(StorageError):
                     log.failure("import of {model} failed", failure, model=m["model_id"])
-            _emit(importer, [model_import_done(m, client.config.name, False, None)])
+            _emit(importer, [model_import_done(m, client.config.name, False, None, client.config.type)])
             continue
         if entry["commit_hash"] is None:  # every file was there already: ask the hub, as upstream does
             try:
@@ -592,8 +640,9 @@ async def import_models(
             except StorageError:
                 pass
         entry["success"] = True
-        _emit(importer, [model_verifying(m, client.config.name),
-                         model_import_done(m, client.config.name, True, entry["commit_hash"])])
+        kind = client.config.type
+        _emit(importer, [model_verifying(m, client.config.name, kind),
+                         model_import_done(m, client.config.name, True, entry["commit_hash"], kind)])
     failed = [r for r in results if not r["success"]]
     if failed:
         raise ImportFailed(f"{len(failed)} of {len(results)} models failed to import", data={"models": results})
@@ -603,19 +652,20 @@ async def import_models(
 # -- upstream's artifact events (common events/event_types/artifact/anycast.py) ------------
 
 
-def model_verifying(m: dict[str, str], registry_name: str) -> Any:
+def model_verifying(m: dict[str, str], registry_name: str, registry_type: str = "huggingface") -> Any:
     from storage.events.encoding import Event
 
     return Event("anycast", "model_verifying", (
-        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", "huggingface"),
+        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", registry_type),
         ("registry_name", registry_name)))
 
 
-def model_import_done(m: dict[str, str], registry_name: str, success: bool, digest: str | None) -> Any:
+def model_import_done(m: dict[str, str], registry_name: str, success: bool, digest: str | None,
+                      registry_type: str = "huggingface") -> Any:
     from storage.events.encoding import Event
 
     return Event("anycast", "model_import_done", (
-        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", "huggingface"),
+        ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", registry_type),
         ("registry_name", registry_name), ("success", success), ("digest", digest),
         ("verification_result", None)))
 

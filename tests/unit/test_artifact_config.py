@@ -21,7 +21,11 @@ def test_upstream_layout() -> None:
         },
         "artifact-registries": {
             "hf": {"type": "huggingface", "huggingface": {"endpoint": "http://127.0.0.1:1/", "token": "t"}},
-            "res": {"type": "reservoir", "reservoir": {"endpoint": "http://peer:6022", "storage-name": "local"}},
+            "res": {"type": "reservoir", "reservoir": {
+                "endpoint": "http://peer:6022", "storage-name": "models", "manager-endpoint": "http://mgr:8091/",
+                "manager-access-key": "AKRES", "manager-secret-key": "SKRES", "manager-api-version": "v9.20250722"}},
+            "direct": {"type": "reservoir", "reservoir": {
+                "storage-proxy-endpoint": "http://peer:6021", "storage-proxy-token": "TOKEN", "storage-name": "m"}},
         },
     })
     local = cfg.storages["local"]
@@ -31,7 +35,45 @@ def test_upstream_layout() -> None:
     assert s3.buckets == ("models",) and s3.presigned_upload_expiration == 60 and s3.upload_chunk_size == 5 << 20
     assert "SK" not in repr(s3) and "AK" not in repr(s3)
     assert cfg.registries["hf"].endpoint == "http://127.0.0.1:1" and "'t'" not in repr(cfg.registries["hf"])
-    assert cfg.registries["res"].storage_name == "local"
+    res = cfg.registries["res"]
+    assert res.storage_name == "models" and res.manager_endpoint == "http://mgr:8091"  # the source's storage
+    assert not {"AKRES", "SKRES"} & set(repr(res).replace("'", " ").split())
+    direct = cfg.registries["direct"]
+    assert direct.storage_proxy_endpoint == "http://peer:6021" and "TOKEN" not in repr(direct)
+    assert direct.endpoint == "https://huggingface.co"  # upstream's default (its object-storage source)
+
+
+RES = {"storage-proxy-endpoint": "http://peer:6021", "storage-proxy-token": "T", "storage-name": "m"}
+MGR = {"manager-endpoint": "http://mgr", "manager-access-key": "a", "manager-secret-key": "s",
+       "manager-api-version": "v9", "storage-name": "m"}
+
+
+def _res(**kw: object) -> dict:
+    return {"artifact-registries": {"r": {"type": "reservoir", "reservoir": kw}}}
+
+
+@pytest.mark.parametrize(("root", "key"), [
+    (_res(**{"storage-name": "m"}), "manager-endpoint"),
+    (_res(**dict(RES, **{"manager-endpoint": "http://mgr"})), "storage-proxy-endpoint"),
+    (_res(**dict(RES, **{"storage-proxy-endpoint": "peer:6021"})), "storage-proxy-endpoint"),
+    (_res(**{k: v for k, v in RES.items() if k != "storage-proxy-token"}), "storage-proxy-token"),
+    (_res(**dict(RES, **{"storage-proxy-token": 5})), "storage-proxy-token"),
+    (_res(**{k: v for k, v in RES.items() if k != "storage-name"}), "storage-name"),
+    (_res(**dict(RES, **{"storage-name": "../x"})), "storage-name"),
+    (_res(**dict(RES, endpoint="s3.example")), "endpoint"),
+    (_res(**dict(RES, **{"read-timeout": 0})), "read-timeout"),
+    (_res(**{k: v for k, v in MGR.items() if k != "manager-secret-key"}), "manager-secret-key"),
+    (_res(**{k: v for k, v in MGR.items() if k != "manager-access-key"}), "manager-access-key"),
+    (_res(**dict(MGR, **{"manager-api-version": "9"})), "manager-api-version"),
+    (_res(**dict(MGR, **{"manager-endpoint": "ftp://mgr"})), "manager-endpoint"),
+])
+def test_invalid_reservoir_values_name_the_key(root: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_artifact_config(root)
+    assert info.value.key == f"[artifact-registries.r.reservoir] {key}"
+    assert "\n" not in str(info.value)
+    for secret in ("T", "s"):
+        assert f"'{secret}'" not in str(info.value)
 
 
 def test_flat_tables_and_legacy_lists() -> None:
@@ -58,8 +100,8 @@ def test_flat_tables_and_legacy_lists() -> None:
     ({"artifact-storages": {"a": {"type": "object_storage", "object-storage": dict(S3, **{"upload-chunk-size": 1024})}}},
      "[artifact-storages.a.object-storage] upload-chunk-size"),
     ({"artifact-registries": {"r": {"type": "gitlab"}}}, "[artifact-registries.r] type"),
-    ({"artifact-registries": {"r": {"type": "reservoir", "reservoir": {"endpoint": "http://x", "storage-name": "nope"}}}},
-     "[artifact-registries.r] storage-name"),
+    ({"registries": [{"name": "x", "config": {"type": "reservoir", "endpoint": "http://x"}}]},
+     "[[registries]] #1 config manager-endpoint"),
     ({"storages": [dict(S3)]}, "[[storages]] #1 name"),
     ({"registries": [{"name": "x", "config": {"type": "nope"}}]}, "[[registries]] #1 config type"),
 ])
