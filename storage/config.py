@@ -123,6 +123,10 @@ class Config:
     # [storage-proxy] state-dir: the daemon's own durable state (the event outbox);
     # None: <first volume>/.storage-proxy/state/<node-id> (storage.events.outbox)
     state_dir: Path | None = None
+    # [storage-proxy] num-proc (upstream's key): client-API worker processes; 1 serves in the daemon itself
+    num_proc: int = 1
+    # The validated TOML document this came from: what the daemon hands its workers (storage.workers)
+    document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -308,6 +312,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
     from storage.events.settings import parse_etcd, parse_redis
 
     state_dir = _str(sp, "state-dir", f"{k} state-dir")
+    num_proc = _num_proc(sp, f"{k} num-proc")
 
     return Config(
         node_id=_str(sp, "node-id", f"{k} node-id", "storage-proxy") or "storage-proxy",
@@ -334,6 +339,8 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         redis=parse_redis(root),
         etcd=parse_etcd(root),
         state_dir=Path(state_dir) if state_dir else None,
+        num_proc=num_proc,
+        document=root,
         source=source,
         cors_allowed_origins=_origins(root),
         cors_allow_credentials=_bool(
@@ -341,6 +348,18 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
             "[api.client] cors-allow-credentials", True,
         ),
     )
+
+
+def _num_proc(sp: dict[str, Any], key: str) -> int:
+    """Upstream's bounds: 1 up to this machine's CPUs.  Upstream defaults to the CPU count; here
+    1 (no workers: the daemon serves both APIs itself), as every existing config was written for."""
+    cpus = os.cpu_count() or 1
+    value = sp.get("num-proc", 1)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer from 1 to {cpus} (this machine's CPUs), got {value!r}")
+    if not 1 <= value <= cpus:
+        raise ConfigError(key, f"must be from 1 to {cpus} (this machine's CPUs), got {value}")
+    return value
 
 
 def _origins(root: dict[str, Any]) -> tuple[str, ...]:

@@ -35,6 +35,8 @@ from storage import API_VERSION
 SERVICE_GROUP = "storage-volume"
 EVENT_BUS_GROUP = "redis"
 EVENT_BUS_COMPONENT = "stream"
+WORKERS_GROUP = "storage-proxy"
+WORKERS_COMPONENT = "client-workers"
 
 
 @dataclass
@@ -78,6 +80,7 @@ class HealthChecker:
         self._last: dict[str, CheckResult] = {}
         self._running: dict[str, Deferred[CheckResult]] = {}
         self.event_bus: Any = None  # storage.events.delivery.Delivery, set by the daemon
+        self.workers: Any = None  # storage.workers.WorkerPool (num-proc > 1), set by the daemon
 
     def _check_event_bus(self) -> CheckResult:
         state = self.event_bus.state()
@@ -91,6 +94,15 @@ class HealthChecker:
         if error is None and state["outbox_error"]:
             error = f"event outbox: {state['outbox_error']}"
         return CheckResult(EVENT_BUS_COMPONENT, error is None, time.time(), error, EVENT_BUS_GROUP)
+
+    def _check_workers(self) -> CheckResult:
+        """The client API is served while at least one worker accepts on its socket."""
+        ready = self.workers.ready_count
+        error = None
+        if ready == 0:
+            down = "; ".join(f"worker {w['index']}: {w['last_exit'] or 'starting'}" for w in self.workers.status())
+            error = f"no client-API worker is running ({down})"
+        return CheckResult(WORKERS_COMPONENT, error is None, time.time(), error, WORKERS_GROUP)
 
     def _check_volume(self, volume: Any) -> Deferred[CheckResult]:
         name = volume.name
@@ -144,6 +156,10 @@ class HealthChecker:
             bus = self._check_event_bus()
             checks.append(bus)
             healthy = healthy and (bus.is_healthy or not event_bus_gates)
+        if self.workers is not None:
+            workers = self._check_workers()
+            checks.append(workers)
+            healthy = healthy and workers.is_healthy
         return {
             "overall_healthy": healthy,
             "connectivity_checks": [c.as_json() for c in checks],

@@ -67,6 +67,46 @@ class _EventBusCollector(Collector):
                                 value=1 if state["connected"] else 0)
 
 
+class _WorkersCollector(Collector):
+    """The client-API workers (num-proc > 1): their own metrics, each sample labelled
+    ``worker``, as they answered the last ``WorkerPool.collect_metrics``; and the pool's state."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.metrics_core import Metric
+
+        pool = self.pool
+        up = GaugeMetricFamily(f"{PREFIX}_worker_up", "1 while the client-API worker accepts connections",
+                               labels=["worker"])
+        restarts = CounterMetricFamily(f"{PREFIX}_worker_restarts", "Client-API worker restarts after it exited",
+                                       labels=["worker"])
+        pid = GaugeMetricFamily(f"{PREFIX}_worker_pid", "The client-API worker's process id (0 while it is down)",
+                                labels=["worker"])
+        for w in pool.status():
+            up.add_metric([str(w["index"])], 1 if w["ready"] else 0)
+            restarts.add_metric([str(w["index"])], w["restarts"])
+            pid.add_metric([str(w["index"])], w["pid"] or 0)
+        yield up
+        yield restarts
+        yield pid
+        merged: dict[str, Any] = {}
+        for index, families in sorted(pool.families.items()):
+            for family in families:
+                name = str(family["name"])
+                rename = name.startswith("process_")  # not to clash with this process's own
+                full = f"{PREFIX}_worker_{name}" if rename else name
+                metric = merged.get(full)
+                if metric is None:
+                    metric = merged[full] = Metric(full, f"{family['help']} (per client-API worker)", family["type"])
+                for sample_name, labels, value in family["samples"]:
+                    if rename:
+                        sample_name = f"{PREFIX}_worker_{sample_name}"
+                    metric.add_sample(sample_name, {**labels, "worker": str(index)}, value)
+        yield from merged.values()
+
+
 class ManagerMetrics:
     def __init__(self, bgtasks: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -100,6 +140,9 @@ class ManagerMetrics:
             ProcessCollector(registry=r)
         except Exception:  # pragma: no cover - platforms without /proc
             pass
+
+    def add_workers(self, pool: Any) -> None:
+        self.registry.register(_WorkersCollector(pool))
 
     def add_event_bus(self, delivery: Any) -> None:
         self.registry.register(_EventBusCollector(delivery))

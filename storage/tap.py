@@ -196,6 +196,17 @@ class StorageProxy(SequentialMultiService):
         listeners.setName("listeners")
         self.manager_listener.setServiceParent(listeners)
         self.client_listener.setServiceParent(listeners)
+        # [storage-proxy] num-proc > 1: worker processes serve the client API on its
+        # socket (bound here); this process serves the manager API (storage.workers).
+        self.workers: Any = None
+        if config.num_proc > 1:
+            from storage.workers import WorkerPool
+
+            self.workers = WorkerPool(config, reactor)
+            self.workers.setServiceParent(listeners)
+            self.manager_api.workers = self.workers
+            self.manager_api.health.workers = self.workers
+            self.manager_api.metrics.add_workers(self.workers)
         listeners.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
@@ -205,6 +216,11 @@ class StorageProxy(SequentialMultiService):
                 log.info("reactor thread runs with real-time priority (SCHED_RR 1)")
             else:
                 log.info("reactor thread keeps the normal priority (not permitted to raise it)")
+        if self.workers is not None and os.getuid() == 0:
+            uid, gid = _uid_gid(self.config)
+            problem = self.workers.check_runnable_as(uid, gid) if uid is not None else None
+            if problem is not None:
+                raise fail(f"config: [storage-proxy] num-proc: {problem}")
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -246,7 +262,10 @@ class StorageProxy(SequentialMultiService):
                 log.error("task journal: cannot read it ({exc}); tasks of a former run are not resumed", exc=exc)
         gc.freeze()
         self.manager_listener.start_accepting()
-        self.client_listener.start_accepting()
+        if self.workers is not None:
+            self.workers.begin(self.client_listener.port.fileno())
+        else:
+            self.client_listener.start_accepting()
         log.info("storage-proxy ready: {n} volume(s)", n=len(self.volumes.volumes))
 
     def _abort(self, message: str) -> None:

@@ -290,6 +290,7 @@ class ManagerAPI:
         self.hub_pool = BlockingPool(reactor, HUB_THREADS)
         self.hub_pool.name = "hub-pool"  # type: ignore[assignment]
         self.events: Any = None  # storage.events.delivery.Delivery, with [redis] (storage.tap)
+        self.workers: Any = None  # storage.workers.WorkerPool, with num-proc > 1 (storage.tap)
 
     def publish_events(self, events: list[Any]) -> None:
         """Durable events on the manager's event bus (none without ``[redis]``)."""
@@ -373,6 +374,8 @@ class ManagerAPI:
     @api_route("/metrics", "GET", auth=False)
     async def metrics_text(self, request: IRequest) -> bytes:
         await self._refresh_fs_usage()
+        if self.workers is not None:
+            await self.workers.collect_metrics()
         data, content_type = self.metrics.render()
         request.setHeader(b"Content-Type", content_type.encode())
         return data

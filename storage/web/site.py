@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 from twisted.web.server import Site
 
 from storage.web.streaming import BodyHandler, StreamingRequest
@@ -22,6 +23,8 @@ from storage.web.streaming import BodyHandler, StreamingRequest
 # Bodies of streamed uploads are read from the socket in chunks this large
 # (twisted's default is 64 KiB): fewer, larger reads cost less CPU per byte.
 UPLOAD_READ_SIZE = 1 << 20
+
+log = Logger()
 
 
 class StorageSite(Site):
@@ -41,13 +44,23 @@ class StorageSite(Site):
         self.max_body = max_body
         self.body_handler = body_handler
         self.in_flight: set[Any] = set()
+        # Called with each request once its answer is finished or its client left (worker metrics).
+        self.finished_hooks: list[Any] = []
         self._drained: list[Deferred[None]] = []
 
     def request_started(self, request: Any) -> None:
         if request in self.in_flight:
             return
         self.in_flight.add(request)
-        request.notifyFinish().addBoth(lambda _: self._done(request))
+        request.notifyFinish().addBoth(lambda _: self._finished(request))
+
+    def _finished(self, request: Any) -> None:
+        for hook in self.finished_hooks:
+            try:
+                hook(request)
+            except Exception:
+                log.failure("request hook {hook!r} failed", hook=hook)
+        self._done(request)
 
     def track(self, work: Deferred[Any]) -> None:
         """Count ``work`` (e.g. making an interrupted upload durable) as in flight."""

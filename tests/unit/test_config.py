@@ -101,6 +101,19 @@ def test_listen_backlog_is_configurable_per_api():
     assert config.client.endpoint_description().endswith(":backlog=123")
 
 
+def test_num_proc_upstream_key_and_bounds():
+    # Upstream's key (either spelling), 1 .. the CPU count; ours defaults to 1 (no workers).
+    assert parse_config(minimal()).num_proc == 1
+    cpus = os.cpu_count() or 1
+    assert parse_config(minimal(**{"storage-proxy.num-proc": cpus})).num_proc == cpus
+    assert parse_config(minimal(**{"storage-proxy.num_proc": 1})).num_proc == 1
+    with pytest.raises(ConfigError, match=rf"num-proc: must be from 1 to {cpus} \(this machine's CPUs\), got 0"):
+        parse_config(minimal(**{"storage-proxy.num-proc": 0}))
+    # The document the workers are handed is the one validated.
+    root = minimal(**{"storage-proxy.num-proc": 1})
+    assert parse_config(root).document == root
+
+
 def test_underscore_keys_are_accepted():
     root = minimal(**{"storage-proxy.max_upload_size": "1m", "storage-proxy.scandir_limit": 7})
     config = parse_config(root)
@@ -126,6 +139,11 @@ def test_underscore_keys_are_accepted():
         ({"volume.local.path": ""}, "[volume.local] path"),
         ({"volume.local.fsprefix": "../up"}, "[volume.local] fsprefix"),
         ({"logging.level": "loud"}, "[logging] level"),
+        ({"storage-proxy.num-proc": 0}, "[storage-proxy] num-proc"),
+        ({"storage-proxy.num-proc": "2"}, "[storage-proxy] num-proc"),
+        ({"storage-proxy.num-proc": True}, "[storage-proxy] num-proc"),
+        ({"storage-proxy.num-proc": 1.5}, "[storage-proxy] num-proc"),
+        ({"storage-proxy.num-proc": (os.cpu_count() or 1) + 1}, "[storage-proxy] num-proc"),
     ],
 )
 def test_invalid_values_name_the_key(overrides, key):
