@@ -199,7 +199,7 @@ class WorkerPool(Service):
         except (OSError, subprocess.SubprocessError) as exc:
             return f"workers run as uid {uid}, who cannot start {sys.executable}: {exc}"
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
             return f"workers run as uid {uid}, who cannot start {sys.executable} -m storage.worker: {last}"
         return None
 

@@ -257,6 +257,27 @@ def test_a_killed_worker_is_restarted_and_the_other_serves_meanwhile(workers_dae
     health = requests.get(daemon.manager_url + "/health", timeout=10).json()
     checks = {c["component_id"]: c for c in health["connectivity"]["connectivity_checks"]}
     assert checks["client-workers"]["is_healthy"] is True
+    # Both killed: until one is back, /readyz says the client API has no worker.
+    both = worker_pids(daemon.pid)
+    assert len(both) == 2, both
+    for pid in both:
+        os.kill(pid, signal.SIGKILL)
+    seen = []
+
+    def not_ready() -> Any:
+        r = requests.get(daemon.manager_url + "/readyz", timeout=10)
+        seen.append((r.status_code, r.text[-300:]))
+        return r.json() if r.status_code == 503 else None  # (a Response is falsy when not ok)
+
+    try:
+        r = wait_for(not_ready, timeout=10, what="/readyz 503 with both workers down")
+    except AssertionError:
+        raise AssertionError(f"/readyz never 503 with both workers down: {seen[:3]}") from None
+    checks = {c["component_id"]: c for c in r["connectivity"]["connectivity_checks"]}
+    assert checks["client-workers"]["is_healthy"] is False
+    assert checks["client-workers"]["error_message"].startswith("no client-API worker is running")
+    ready(daemon)
+    assert requests.get(daemon.manager_url + "/readyz", timeout=10).status_code == 200
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
