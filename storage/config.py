@@ -127,6 +127,7 @@ class Config:
     num_proc: int = 1
     # The validated TOML document this came from: what the daemon hands its workers (storage.workers)
     document: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    peer_probe_interval: float = 1.0  # how often replicas look for a dead one's state dir (0: never)
 
 
 # -- value parsers -----------------------------------------------------------
@@ -341,6 +342,7 @@ def parse_config(root: dict[str, Any], source: Path | None = None) -> Config:
         state_dir=Path(state_dir) if state_dir else None,
         num_proc=num_proc,
         document=root,
+        peer_probe_interval=parse_duration(sp.get("peer-probe-interval", "1s"), f"{k} peer-probe-interval"),
         source=source,
         cors_allowed_origins=_origins(root),
         cors_allow_credentials=_bool(

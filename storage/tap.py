@@ -163,6 +163,7 @@ class StorageProxy(SequentialMultiService):
         self.event_publisher: Any = None
         if self.event_bus is not None:
             self.events, self.event_publisher = self.event_bus.delivery, self.event_bus.publisher
+            self.event_bus.owner.setServiceParent(self)  # holds the state dir until the journal is closed
             self.event_bus.journal_service.setServiceParent(self)  # stops after the bus
             self.events.setServiceParent(self)
         run_as_uid = _uid_gid(config)[0] if os.getuid() == 0 else None
@@ -254,12 +255,20 @@ class StorageProxy(SequentialMultiService):
         if self.event_bus is not None:
             # Tasks a killed daemon left: a delete runs again, a clone removes its copy and fails.
             from storage.events.journal import resume_unfinished
+            from storage.events.takeover import StateDirBusy, adopt_orphan
 
             try:
                 await resume_unfinished(self.event_bus.journal, self.events, self.bgtasks,
                                         self.manager_api.task_runner)
+            except StateDirBusy as exc:
+                self._abort(f"{exc}: give each daemon its own [storage-proxy] node-id (or state-dir)")
+                return
             except OSError as exc:
                 log.error("task journal: cannot read it ({exc}); tasks of a former run are not resumed", exc=exc)
+            # Replicas over one volume: a dead one's tasks and events are taken over by a live one.
+            bus, api = self.event_bus, self.manager_api
+            bus.owner.watch(lambda orphan: adopt_orphan(orphan, bus.delivery, bus.journal, self.bgtasks,
+                                                        api.task_runner))
         gc.freeze()
         self.manager_listener.start_accepting()
         if self.workers is not None:

@@ -9,6 +9,7 @@ One job per module:
 * ``outbox`` -- the durable on-disk outbox (at-least-once);
 * ``delivery`` -- the ordered queue and pump (a service);
 * ``journal`` -- the running tasks on disk, resumed after a kill;
+* ``takeover`` -- the state dir's owner lock; a live replica takes over a dead one's;
 * ``publisher`` -- the ``storage.bgtasks`` listener that makes the events.
 
 ``make_event_bus(config, pool, reactor)`` composes them; None without ``[redis]``.
@@ -26,6 +27,7 @@ class EventBus:
     publisher: Any  # storage.events.publisher.EventPublisher (a bgtasks listener)
     journal: Any  # storage.events.journal.TaskJournal
     journal_service: Any  # storage.events.journal.JournalService
+    owner: Any  # storage.events.takeover.StateOwner (a service): our state dir, and dead replicas'
 
 
 def make_event_bus(config: Any, pool: Any, reactor: Any) -> EventBus | None:
@@ -52,5 +54,9 @@ def make_event_bus(config: Any, pool: Any, reactor: Any) -> EventBus | None:
             return redis_from_etcd(await read_redis_tree(etcd), etcd.event_format)
 
         delivery = Delivery(RedisLink(None), outbox, etcd.event_format, reactor, resolve=resolve)
-    journal = j.TaskJournal(state / j.FILE_NAME, pool)
-    return EventBus(delivery, EventPublisher(delivery, reactor, journal), journal, j.JournalService(journal))
+    from storage.events.takeover import StateOwner
+
+    owner = StateOwner(state, pool, reactor, getattr(config, "peer_probe_interval", 1.0))
+    outbox.claimed = owner.claimed
+    journal = j.TaskJournal(state / j.FILE_NAME, pool, claimed=owner.claimed)
+    return EventBus(delivery, EventPublisher(delivery, reactor, journal), journal, j.JournalService(journal), owner)

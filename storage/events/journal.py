@@ -62,9 +62,10 @@ class TaskJournal:
     max_attempts = 3
     compact_size = 1 << 20
 
-    def __init__(self, path: Path, pool: Any) -> None:
+    def __init__(self, path: Path, pool: Any, claimed: Any = None) -> None:
         self.path = Path(path)
         self.pool = pool
+        self.claimed = claimed  # async: returns once this daemon owns the state dir (takeover.StateOwner)
         self._lock = DeferredLock()
         self._fd: int | None = None
         self._attempts: dict[str, int] = {}
@@ -72,6 +73,8 @@ class TaskJournal:
         self.last_error: str | None = None
 
     async def load(self) -> list[dict[str, Any]]:
+        if self.claimed is not None:
+            await self.claimed()
         await self._lock.acquire()
         try:
             unfinished, self._fd = await self.pool.run(_load, self.path)
@@ -104,6 +107,10 @@ class TaskJournal:
     def active(self) -> bool:
         """Open and writable: what it records will be resumed."""
         return self._fd is not None and self.last_error is None
+
+    def inherit(self, task_id: str, attempts: int) -> None:
+        """A dead replica's task, started ``attempts`` times there, continues here."""
+        self._attempts[task_id] = max(attempts, self._attempts.get(task_id, 0))
 
     def attempt_of(self, task_id: str) -> int:
         """How many times this task has started (1 for a new one)."""
@@ -149,25 +156,32 @@ async def resume_unfinished(journal: TaskJournal, delivery: Any, bgtasks: Any, r
     await delivery.loaded()
     resumed = 0
     for record in unfinished:
-        tid, name, context = str(record["start"]), str(record["name"]), dict(record.get("context") or {})
+        tid = str(record["start"])
         if tid in delivery.outbox.ended_task_ids:
             # Its end is already in the outbox (killed before the journal heard of it).
             await journal.ended(tid)
             continue
-        attempt = journal.attempt_of(tid)
-        runner: Any
-        try:
-            runner = runner_for(name, context, resumed=True)
-        except (ValueError, KeyError):
-            runner = _failing(f"storage-proxy stopped during this {name} task and cannot resume it")
-        if attempt > journal.max_attempts:
-            if name != "clone-vfolder":  # a clone's runner already removes the copy and fails
-                runner = _failing(f"storage-proxy stopped during this task {attempt - 1} times; giving up")
-        log.warn("resuming background task {name} {task_id} (attempt {attempt}) left by a stopped daemon",
-                 name=name, task_id=tid, attempt=attempt)
-        bgtasks.start(name, runner, task_id=uuid.UUID(tid), **context)
+        start_recorded(record, journal, bgtasks, runner_for)
         resumed += 1
     return resumed
+
+
+def start_recorded(record: dict[str, Any], journal: TaskJournal, bgtasks: Any, runner_for: Any) -> Any:
+    """Start the task of a journal's start ``record`` again, under its id (this run's or a
+    dead replica's: ``storage.events.takeover``); the ``BackgroundTask``."""
+    tid, name, context = str(record["start"]), str(record["name"]), dict(record.get("context") or {})
+    attempt = journal.attempt_of(tid)
+    runner: Any
+    try:
+        runner = runner_for(name, context, resumed=True)
+    except (ValueError, KeyError):
+        runner = _failing(f"storage-proxy stopped during this {name} task and cannot resume it")
+    if attempt > journal.max_attempts:
+        if name != "clone-vfolder":  # a clone's runner already removes the copy and fails
+            runner = _failing(f"storage-proxy stopped during this task {attempt - 1} times; giving up")
+    log.warn("resuming background task {name} {task_id} (attempt {attempt}) left by a stopped daemon",
+             name=name, task_id=tid, attempt=attempt)
+    return bgtasks.start(name, runner, task_id=uuid.UUID(tid), **context)
 
 
 def _failing(message: str) -> Any:

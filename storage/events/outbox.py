@@ -111,6 +111,7 @@ class Outbox:
         self._size = 0
         self.ended_task_ids: set[str] = set()  # at load: tasks whose terminal event was written
         self.last_error: str | None = None
+        self.claimed: Any = None  # async: returns once this daemon owns the state dir (takeover.StateOwner)
 
     @property
     def pending(self) -> int:
@@ -118,6 +119,12 @@ class Outbox:
 
     async def load(self) -> list[tuple[int, Event]]:
         """Open the file; the events a former run did not deliver, oldest first."""
+        if self.claimed is not None:
+            try:
+                await self.claimed()
+            except OSError as exc:
+                self.last_error = str(exc)
+                raise
         await self._lock.acquire()
         try:
             records, self._next, self._fd, self._size, self.ended_task_ids = await self.pool.run(_load, self.path)
