@@ -3,13 +3,17 @@
 ones, served by the local hub contract server (tests/support/hub.py), imported
 by the daemon into a VFS artifact storage, against plain ``curl`` fetching the
 same files 4 at a time (``xargs -P 4``, the importer's parallelism) into a
-directory, in the same run, reps in turn.
+directory, in the same run, reps in turn.  The import runs twice per rep: each
+file in one stream (``part-size = 0``), and the large files in ranged parts of
+``--part-mib`` several at once (``part-size``, the default 64 MiB; so the large
+files must be larger than a part to be split).
 
-    python bench/bench_hf_import.py [--reps 3] [--small 200] [--large 3] [--large-mib 64]
+    python bench/bench_hf_import.py [--reps 3] [--small 200] [--large 3] [--large-mib 64] [--part-mib 16]
+                                    [--conn-mb-s 0]
 
-Not a test: it prints MB/s of each and the ratio import/curl.  The import
-also hashes every byte (sha256 / git blob id) and fsyncs each file; curl does
-neither.
+Not a test: it prints MB/s of each and the ratios to curl.  The import also
+hashes every byte (sha256 / git blob id) and fsyncs each file; curl does
+neither.  A ranged file is hashed after its parts are written (a second read).
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ def call(daemon: StorageProxyProcess, method: str, path: str, body: object = Non
     return response.status, json.loads(data) if data else None
 
 
-def import_once(daemon: StorageProxyProcess, prefix: str) -> float:
+def import_once(daemon: StorageProxyProcess, prefix: str, registry: str = "hub") -> float:
     start = time.perf_counter()
     status, answer = call(daemon, "POST", "/v1/registries/huggingface/import", {
-        "registry_name": "hub", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
+        "registry_name": registry, "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
         "storage_prefix": prefix})
     assert status == 202, answer
     task_id = answer["task_id"]  # type: ignore[index]
@@ -78,6 +82,9 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=200, help="files of 1-64 KiB")
     ap.add_argument("--large", type=int, default=3)
     ap.add_argument("--large-mib", type=int, default=64)
+    ap.add_argument("--part-mib", type=int, default=16, help="ranged part size of the second import")
+    ap.add_argument("--conn-mb-s", type=float, default=0,
+                    help="the hub paces each download to this many MB/s (a CDN's per-connection cap); 0: off")
     args = ap.parse_args()
     if shutil.which("curl") is None:
         raise SystemExit("curl is needed")
@@ -97,21 +104,39 @@ def main() -> None:
     hub.start(manifest)
     daemon = StorageProxyProcess(work / "proxy", extra_config={
         "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(work / "models")}}},
-        "artifact-registries": {"hub": {"type": "huggingface", "huggingface": {"endpoint": hub.url}}},
+        "artifact-registries": {
+            "hub": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "part-size": 0}},
+            "hub-parts": {"type": "huggingface", "huggingface": {"endpoint": hub.url,
+                                                                 "part-size": args.part_mib << 20}},
+        },
     })
     daemon.start()
+    if args.conn_mb_s:
+        conn = http.client.HTTPConnection("127.0.0.1", hub.port, timeout=10)
+        conn.request("POST", "/_throttle", body=json.dumps({"rate": int(args.conn_mb_s * 1e6)}))
+        assert conn.getresponse().status == 200
+        conn.close()
     try:
-        print(f"{len(paths)} files, {total / 1e6:.1f} MB; {args.reps} reps")
-        imports, curls = [], []
+        parted = sum(1 for p in paths if p.startswith("weights-")) if args.large_mib > args.part_mib else 0
+        pace = f"; each download paced to {args.conn_mb_s:g} MB/s" if args.conn_mb_s else ""
+        print(f"{len(paths)} files, {total / 1e6:.1f} MB; {parted} large files in {args.part_mib} MiB parts; "
+              f"{args.reps} reps{pace}")
+        imports, ranged, curls = [], [], []
         for rep in range(args.reps):
             imports.append(import_once(daemon, f"rep{rep}"))
-            curls.append(curl_once(hub, paths, work / f"curl{rep}"))
             shutil.rmtree(work / "models" / f"rep{rep}", ignore_errors=True)
+            ranged.append(import_once(daemon, f"ranged{rep}", "hub-parts"))
+            shutil.rmtree(work / "models" / f"ranged{rep}", ignore_errors=True)
+            curls.append(curl_once(hub, paths, work / f"curl{rep}"))
             shutil.rmtree(work / f"curl{rep}", ignore_errors=True)
-        best_import, best_curl = min(imports), min(curls)
-        print(f"import: {total / best_import / 1e6:8.1f} MB/s (best of {args.reps}: {best_import:.2f} s)")
-        print(f"curl:   {total / best_curl / 1e6:8.1f} MB/s (best of {args.reps}: {best_curl:.2f} s)")
-        print(f"ratio import/curl: {best_curl / best_import:.2f}")
+        best_import, best_ranged, best_curl = min(imports), min(ranged), min(curls)
+        print(f"import, one stream a file: {total / best_import / 1e6:8.1f} MB/s (best of {args.reps}: "
+              f"{best_import:.2f} s)")
+        print(f"import, ranged parts:      {total / best_ranged / 1e6:8.1f} MB/s (best of {args.reps}: "
+              f"{best_ranged:.2f} s)")
+        print(f"curl -P 4:                 {total / best_curl / 1e6:8.1f} MB/s (best of {args.reps}: "
+              f"{best_curl:.2f} s)")
+        print(f"ratio import/curl: {best_curl / best_import:.2f}; ranged/curl: {best_curl / best_ranged:.2f}")
     finally:
         daemon.stop(timeout=10)
         hub.stop()

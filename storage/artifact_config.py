@@ -76,6 +76,8 @@ class RegistryConfig:
     download_chunk_size: int = 8192
     # huggingface, ours: seconds a download may stall before it is retried from its offset
     read_timeout: float = 60.0
+    # ours: a file larger than this comes in ranged parts of this size, several at once (0: never)
+    part_size: int = 0
     # reservoir only
     object_storage_access_key: str | None = field(default=None, repr=False)
     object_storage_secret_key: str | None = field(default=None, repr=False)
@@ -254,8 +256,21 @@ def _registry(name: str, kind: Any, t: _Table, type_key: str) -> RegistryConfig:
             name=name, type=kind, endpoint=endpoint, token=t.string("token") or None,
             download_chunk_size=t_int(t, "download-chunk-size", 8192, 1),
             read_timeout=float(t_int(t, "read-timeout", 60, 1)),
+            part_size=_part_size(t),
         )
     return _reservoir(name, t)
+
+
+DEFAULT_PART_SIZE = 64 << 20
+MIN_PART_SIZE = 1 << 20
+
+
+def _part_size(t: _Table) -> int:
+    """``part-size`` (ours): bytes per ranged part of a large file; 0 turns ranged parts off."""
+    value = t_int(t, "part-size", DEFAULT_PART_SIZE, 0)
+    if 0 < value < MIN_PART_SIZE:
+        raise ConfigError(t.key("part-size"), f"must be 0 (off) or at least {MIN_PART_SIZE}, got {value}")
+    return value
 
 
 _API_VERSION_RE = re.compile(r"^v[0-9]+(\.[0-9]{8})?$")
@@ -295,6 +310,7 @@ def _reservoir(name: str, t: _Table) -> RegistryConfig:
         name=name, type="reservoir", endpoint=endpoint,
         download_chunk_size=t_int(t, "download-chunk-size", 8192, 1),
         read_timeout=float(t_int(t, "read-timeout", 60, 1)),
+        part_size=_part_size(t) if direct else 0,  # a manager in between passes no Range on
         object_storage_access_key=t.string("object-storage-access-key"),
         object_storage_secret_key=t.string("object-storage-secret-key"),
         object_storage_region=t.string("object-storage-region"),

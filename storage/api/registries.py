@@ -307,7 +307,8 @@ def hf_import_runner(self: ManagerAPI, context: dict[str, Any]) -> Any:
         else:
             storage = self.artifacts.get_vfs(name)
         importer = Importer(client, storage, self.pool, self.reactor, parallel=self.hf_parallel,
-                            emit=self.publish_events, hub_pool=self.hub_pool, bucket=bucket)
+                            emit=self.publish_events, hub_pool=self.hub_pool, bucket=bucket,
+                            part_size=client.config.part_size)
         return await import_models(progress, importer, list(context["models"]), context.get("storage_prefix"))
 
     return run

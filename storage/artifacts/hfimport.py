@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat as stat_module
+import threading
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -231,6 +232,189 @@ class VFSTarget:
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
+
+
+JOURNAL_EVERY = 4 << 20  # bytes of a part written between saves of the parts journal
+
+
+class RangedVFSTarget(VFSTarget):
+    """A large file fetched as ranged parts at once, written in place (pwrite) into a staging file
+    of its full size, ``.NAME.<tag>.ranged.part``.  Beside it, a journal
+    (``.NAME.<tag>.ranged-parts.part``, JSON, replaced atomically) records how many bytes of each
+    part are written, so an interrupted import -- a cut connection, a cancel, a killed daemon --
+    resumes every part where the journal says.  The journal is saved only after the bytes it
+    counts were written, and the whole file is hashed before the rename, so a journal that lags
+    or a torn write costs a re-download, never a wrong file.  Every method blocks (pool)."""
+
+    def __init__(self, storage: VFSArtifactStorage, key: str, f: Any, part_size: int) -> None:
+        super().__init__(storage, key, f)
+        stem = f".{self.rel.name[:150]}.{_stage_tag(f)}"
+        self.part_name = f"{stem}.ranged{PART_SUFFIX}"
+        self.journal_name = f"{stem}.ranged-parts{PART_SUFFIX}"
+        self.part_size = part_size
+        self.parts = [[start, min(start + part_size, f.size), 0] for start in range(0, f.size, part_size)]
+        self.unsaved = 0
+        self.lock = threading.Lock()  # parts are written by several pool threads at once
+
+    def open(self) -> bool:
+        root_fd = open_root(self.storage.root)
+        try:
+            self.dir_fd = _open_dirs_beneath(root_fd, self.rel.parent)
+        finally:
+            os.close(root_fd)
+        if self._final_is_verified():
+            self.close()
+            return True
+        try:
+            self.fd = os.open(self.part_name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
+                              dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise no_space(exc) from exc
+        done = self._read_journal()
+        if done is None or os.fstat(self.fd).st_size != self.file.size:
+            done = [0] * len(self.parts)
+            os.ftruncate(self.fd, 0)
+        try:
+            os.ftruncate(self.fd, self.file.size)  # sparse: the parts fill it
+        except OSError as exc:
+            raise no_space(exc) from exc
+        for part, n in zip(self.parts, done, strict=True):
+            part[2] = n
+        self.offset = sum(done)
+        return False
+
+    def _read_journal(self) -> list[int] | None:
+        import json
+
+        try:
+            fd = os.open(self.journal_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        except OSError:
+            return None
+        try:
+            data = json.loads(os.read(fd, 1 << 20))
+        except ValueError:
+            return None
+        finally:
+            os.close(fd)
+        if (not isinstance(data, dict) or data.get("size") != self.file.size
+                or data.get("part_size") != self.part_size or not isinstance(data.get("done"), list)):
+            return None
+        done = data["done"]
+        if len(done) != len(self.parts) or not all(
+                isinstance(n, int) and 0 <= n <= end - start for n, (start, end, _) in zip(done, self.parts, strict=True)):
+            return None
+        return done
+
+    def save_journal(self) -> None:
+        import json
+
+        with self.lock:
+            if self.fd < 0:
+                return
+            self._save_journal(json)
+
+    def _save_journal(self, json: Any) -> None:
+        tmp = f"{self.journal_name}.tmp{PART_SUFFIX}"
+        body = json.dumps({"size": self.file.size, "part_size": self.part_size,
+                           "done": [p[2] for p in self.parts]}).encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
+                         dir_fd=self.dir_fd)
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.journal_name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError as exc:
+            raise no_space(exc) from exc
+        self.unsaved = 0
+
+    def write_at(self, index: int, data: bytes) -> None:
+        part = self.parts[index]
+        if part[0] + part[2] + len(data) > part[1]:
+            raise ArtifactVerificationFailed(f"{self.file.path}: the hub sent more than part {index} holds")
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, part[0] + part[2])
+                part[2] += n
+                view = view[n:]
+        except OSError as exc:
+            raise no_space(exc) from exc
+        with self.lock:
+            self.unsaved += len(data)
+            due = self.unsaved >= JOURNAL_EVERY
+        if due:
+            self.save_journal()
+
+    def finish(self) -> None:
+        """Every part whole: hash the file from the start, then rename it over the destination."""
+        missing = [i for i, (start, end, done) in enumerate(self.parts) if done != end - start]
+        if missing:
+            raise ArtifactVerificationFailed(f"{self.file.path}: parts {missing[:5]} incomplete")
+        digest = _Digest(self.file)
+        pos = 0
+        while pos < self.file.size:
+            chunk = os.pread(self.fd, min(HASH_CHUNK, self.file.size - pos), pos)
+            if not chunk:
+                break
+            digest.update(chunk)
+            pos += len(chunk)
+        if pos != self.file.size or not digest.matches():
+            for part in self.parts:
+                part[2] = 0
+            os.ftruncate(self.fd, 0)
+            self._unlink_journal()
+            raise ArtifactVerificationFailed(
+                f"{self.file.path}: the bytes do not match the hub's {'sha256' if self.file.sha256 else 'blob id'} "
+                f"{self.file.expected_etag}")
+        self.offset = pos
+        self.digest = digest
+        dir_fd = os.dup(self.dir_fd)
+        try:
+            super().finish()  # fsync, mtime, rename, close
+            self._unlink_journal(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _unlink_journal(self, dir_fd: int | None = None) -> None:
+        try:
+            os.unlink(self.journal_name, dir_fd=self.dir_fd if dir_fd is None else dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+class _NoRanges(Exception):
+    """The server answered a part's Range with the whole file: fetch it in one stream instead."""
+
+
+class _PartView:
+    """One part of a RangedVFSTarget as the body sink and ``_get`` see a target."""
+
+    def __init__(self, target: RangedVFSTarget, index: int) -> None:
+        self.target = target
+        self.index = index
+        self.file = target.file
+
+    @property
+    def offset(self) -> int:
+        start, _, done = self.target.parts[self.index]
+        return start + done
+
+    @property
+    def end(self) -> int:  # inclusive, as in a Range header
+        return self.target.parts[self.index][1] - 1
+
+    @property
+    def remaining(self) -> int:
+        start, end, done = self.target.parts[self.index]
+        return end - start - done
+
+    def write(self, data: bytes) -> None:
+        self.target.write_at(self.index, data)
+
+    def restart(self) -> None:
+        raise _NoRanges()
 
 
 class S3Target:
@@ -441,6 +625,7 @@ class FileResult:
     size: int
     skipped: bool = False
     retries: int = 0
+    parts: int = 0  # ranged parts, for a large file
 
 
 @dataclass
@@ -459,6 +644,8 @@ class Importer:
     hub_pool: Any = None  # where the hub's metadata calls block (default: pool)
     bucket: str | None = None  # an object storage's bucket: files go there
     commits: dict[str, str] = field(default_factory=dict)
+    part_size: int = 0  # files larger than this come in ranged parts at once (VFS destinations); 0: never
+    _no_ranges: set[str] = field(default_factory=set)
 
     @property
     def _source(self) -> str:
@@ -473,24 +660,26 @@ class Importer:
             pool.maxPersistentPerHost = max(self.parallel, 2)
             self.treq = HTTPClient(Agent(self.reactor, pool=pool))
 
-    def _headers(self, offset: int) -> dict[bytes, list[bytes]]:
+    def _headers(self, offset: int, end: int | None = None) -> dict[bytes, list[bytes]]:
         headers = {b"Accept-Encoding": [b"identity"], b"User-Agent": [b"storage-proxy"]}
         if self.client.config.token:
             headers[b"Authorization"] = [f"Bearer {self.client.config.token}".encode()]
-        if offset:
+        if end is not None:
+            headers[b"Range"] = [f"bytes={offset}-{end}".encode()]
+        elif offset:
             headers[b"Range"] = [f"bytes={offset}-".encode()]
         return headers
 
-    def _request(self, f: Any, offset: int) -> Any:
-        """The download of ``f`` from ``offset``: the hub's GET, or what the source says
-        (``client.download_request(f, offset)``: method, url, headers, body)."""
+    def _request(self, f: Any, offset: int, end: int | None = None) -> Any:
+        """The download of ``f`` from ``offset`` (to ``end``, inclusive): the hub's GET, or what the
+        source says (``client.download_request(f, offset, end)``: method, url, headers, body)."""
         custom = getattr(self.client, "download_request", None)
         if custom is not None:
-            method, url, headers, body = custom(f, offset)
+            method, url, headers, body = custom(f, offset, end)
             merged = {b"Accept-Encoding": [b"identity"], b"User-Agent": [b"storage-proxy"], **headers}
             return self.treq.request(method, url, headers=merged, data=body, allow_redirects=True,
                                      unbuffered=True, timeout=60)
-        return self.treq.get(f.url, headers=self._headers(offset), allow_redirects=True, unbuffered=True,
+        return self.treq.get(f.url, headers=self._headers(offset, end), allow_redirects=True, unbuffered=True,
                              timeout=60)
 
     async def _sleep(self, seconds: float) -> None:
@@ -503,6 +692,12 @@ class Importer:
                 call.cancel()
 
     async def fetch(self, f: Any, key: str, progress: Progress) -> FileResult:
+        if self.bucket is None and self.part_size and f.size > self.part_size and key not in self._no_ranges:
+            try:
+                return await self._fetch_ranged(f, key, progress)
+            except _NoRanges:
+                log.info("import: {path}: the source ignores ranges; one stream instead", path=f.path)
+                self._no_ranges.add(key)
         target: Any = (S3Target(self.storage, self.bucket, key, f) if self.bucket is not None
                        else VFSTarget(self.storage, key, f))
         if await self.pool.run(target.open):
@@ -530,14 +725,69 @@ class Importer:
         finally:
             await self.pool.run(target.close)
 
+    async def _fetch_ranged(self, f: Any, key: str, progress: Progress) -> FileResult:
+        """A large file as ranged parts, up to ``parallel`` at once (``RangedVFSTarget``)."""
+        target = RangedVFSTarget(self.storage, key, f, self.part_size)
+        if await self.pool.run(target.open):
+            progress.advance(f.size)
+            return FileResult(f.path, key, f.size, skipped=True)
+        result = FileResult(f.path, key, f.size, parts=len(target.parts))
+        progress.advance(target.offset)
+
+        async def one(index: int) -> None:
+            view = _PartView(target, index)
+            tries = 0
+            while view.remaining > 0:
+                progress.check()
+                try:
+                    await self._get(f, view, progress)
+                except _Interrupted as exc:
+                    tries += 1
+                    result.retries += 1
+                    if tries > self.max_retries:
+                        raise HuggingFaceAPIError(
+                            f"{f.path}: part {index} kept failing at byte {view.offset}: {exc}") from None
+                    log.info("import: {path} part {i} interrupted at {offset} ({why}); retry {n}", path=f.path,
+                             i=index, offset=view.offset, why=str(exc), n=tries)
+                    await self._sleep(min(self.backoff * 2 ** (tries - 1), 10.0))
+            await self.pool.run(target.save_journal)  # this part is whole: a restart skips it
+
+        try:
+            sem = DeferredSemaphore(max(self.parallel, 1))
+            pending = [i for i, (start, end, done) in enumerate(target.parts) if done < end - start]
+
+            def start(index: int) -> Deferred[None]:
+                return Deferred.fromCoroutine(one(index))
+
+            ds = [sem.run(start, i) for i in pending]
+            outcome = await DeferredList(ds, consumeErrors=True)
+            failures: list[Failure] = [r for ok, r in outcome if not ok]  # type: ignore[misc]
+            if failures:
+                await self.pool.run(target.save_journal)  # what was written stays for the next run
+                for wanted in (TaskCancelled, _NoRanges):
+                    for failure in failures:
+                        if failure.check(wanted):
+                            if wanted is _NoRanges:  # the stream starts from its own staging file
+                                progress.advance(-sum(p[2] for p in target.parts))
+                            failure.raiseException()
+                failures[0].raiseException()
+            await self.pool.run(target.finish)
+            return result
+        finally:
+            await self.pool.run(target.close)
+
     async def _get(self, f: Any, target: Any, progress: Progress) -> None:
         offset = target.offset
+        end = getattr(target, "end", None)  # a part of a ranged download
         try:
-            response = await self._request(f, offset)
+            response = await self._request(f, offset, end)
         except Exception as exc:  # refused, reset, timed out: the hub may come back
             raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
         code = response.code
         headers = response.headers
+        if end is not None and code != 206 and code < 300:
+            await _discard(response)
+            raise _NoRanges()
         if code == 416 and offset == f.size:
             await _discard(response)
             return
@@ -624,7 +874,8 @@ async def import_models(
                 failure.raiseException()
         done: list[FileResult] = [r for ok, r in outcome if ok]
         entry.update(files=len(files), bytes=sum(f.size for f in files),
-                     skipped=sum(1 for r in done if r.skipped), retries=sum(r.retries for r in done))
+                     skipped=sum(1 for r in done if r.skipped), retries=sum(r.retries for r in done),
+                     parts=sum(r.parts for r in done))
         commits = {importer.commits.get(f.url) for f in files} - {None}
         entry["commit_hash"] = commits.pop() if len(commits) == 1 else None
         if failures:

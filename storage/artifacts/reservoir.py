@@ -199,11 +199,12 @@ class ReservoirClient:
     def commit_hash(self, model_id: str, revision: str) -> str | None:
         return None  # upstream: a reservoir's digest comes later through the manager's scan
 
-    def download_request(self, f: ReservoirFile, offset: int) -> tuple[str, str, dict[bytes, list[bytes]], bytes]:
+    def download_request(self, f: ReservoirFile, offset: int, end: int | None = None
+                         ) -> tuple[str, str, dict[bytes, list[bytes]], bytes]:
         rel_url = self.base + "/download"
         headers = {k.encode(): [v.encode("latin-1")] for k, v in self.headers("POST", rel_url).items()}
-        if offset:
-            headers[b"Range"] = [f"bytes={offset}-".encode()]
+        if offset or end is not None:
+            headers[b"Range"] = [f"bytes={offset}-{'' if end is None else end}".encode()]
             # the same version as the bytes we hold, or the whole (changed) file: never a mix
             headers[b"If-Range"] = [formatdate(int(f.modified), usegmt=True).encode()]
         body = json.dumps({"filepath": f.remote_path}).encode()

@@ -41,6 +41,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[
             "hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}},
             "down": {"type": "huggingface", "huggingface": {"endpoint": "http://127.0.0.1:9"}},
             "impatient": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "read-timeout": 1}},
+            "parts": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "part-size": 1 << 20}},
         },
     }, extra_env={"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"})
     daemon.start()
@@ -256,6 +257,68 @@ def test_import_resumes_a_staged_file(proxy: tuple[StorageProxyProcess, Path], h
     assert not [p for p in (base / "staged").iterdir() if p.name.endswith(".part")]
     after = hub.get("/_stats")["model.safetensors"]
     assert after["ranged"] == before["ranged"] + 1 and after["gets"] == before["gets"] + 1
+
+
+def _parts(hub: HubServer, path: str = "model.safetensors") -> int:
+    return int(hub.get("/_stats").get(path, {}).get("parts", 0))
+
+
+def test_a_large_file_comes_in_ranged_parts(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    before = _parts(hub)
+    task = run_import(daemon, {"registry_name": "parts", "models": [{"model_id": MODEL}],
+                               "storage_step_mappings": {"download": "models"}, "storage_prefix": "ranged"})
+    assert task["status"] == "done", task
+    assert stored(base, "ranged") == hub.content[f"{MODEL}@main"]  # verified whole (sha256) after the parts
+    # 3 MiB + 17 bytes in 1 MiB parts: 4 bounded ranges; the files under 1 MiB in one stream each
+    assert _parts(hub) - before == 4 and task["result"]["models"][0]["parts"] == 4
+    assert _parts(hub, "shards/part-2.bin") == 0
+    assert not [p for p in (base / "ranged").rglob(".*") if p.is_file()]  # no staging file or journal left
+
+
+def test_ranged_parts_survive_dropped_connections(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 300_000, "times": 2})
+    before = _parts(hub)
+    task = run_import(daemon, {"registry_name": "parts", "models": [{"model_id": MODEL}],
+                               "storage_step_mappings": {"download": "models"}, "storage_prefix": "ranged-dropped"})
+    assert task["status"] == "done", task
+    assert stored(base, "ranged-dropped") == hub.content[f"{MODEL}@main"]
+    assert task["result"]["models"][0]["retries"] == 2 and _parts(hub) - before == 6  # each cut part asked again
+
+
+def test_ranged_parts_resume_after_the_daemon_is_killed(proxy: tuple[StorageProxyProcess, Path],
+                                                        hub: HubServer) -> None:
+    """Two parts stall, two finish and are journaled; after a SIGKILL only the two are fetched again."""
+    daemon, base = proxy
+    data = hub.content[f"{MODEL}@main"]["model.safetensors"]
+    journal = base / "ranged-killed" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.ranged-parts.part"
+    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 500_000, "times": 2, "stall": True})
+    body = {"registry_name": "parts", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
+            "storage_prefix": "ranged-killed"}
+    status, _, answer = call(daemon, "POST", f"{HF}/import", body)
+    assert status == 202, answer
+    sizes = [1 << 20, 1 << 20, 1 << 20, len(data) - (3 << 20)]
+
+    def whole_parts() -> int:
+        try:
+            done = json.loads(journal.read_bytes())["done"]
+        except (OSError, ValueError):
+            return 0
+        return sum(1 for n, size in zip(done, sizes, strict=True) if n == size)
+
+    deadline = time.monotonic() + 20
+    while whole_parts() < 2:
+        assert time.monotonic() < deadline, "two parts were not journaled as whole"
+        time.sleep(0.02)
+    daemon.kill()  # SIGKILL with two parts stalled mid-way
+    daemon.start()
+    before = _parts(hub)
+    task = run_import(daemon, body)
+    assert task["status"] == "done", task
+    assert stored(base, "ranged-killed") == hub.content[f"{MODEL}@main"]
+    assert _parts(hub) - before == 2  # the journaled parts were not fetched again
+    assert not journal.exists()
 
 
 def test_import_of_a_missing_model_fails_its_task(proxy: tuple[StorageProxyProcess, Path]) -> None:

@@ -17,7 +17,9 @@ Faults: ``POST /_faults`` ``{"path": "file.bin", "drop_after": N, "times": k}``
 makes the next ``k`` downloads of that file stop after ``N`` bytes of the body
 (the connection closes short of its Content-Length; with ``"stall": true`` it
 stays open and sends nothing more).  ``GET /_stats`` counts
-downloads and ranged requests per path.
+downloads, ranged requests (from an offset) and ``parts`` (bounded ranges) per path.
+``POST /_throttle`` ``{"rate": bytes_per_second}`` paces every download (0: off),
+as a CDN caps one connection.
 
 Manifest: ``{"org/name": {"author", "tags", "created", "modified", "downloads",
 "likes", "gated", "revisions": {"main": {"sha": "...", "files": {"path":
@@ -51,6 +53,7 @@ class Hub:
         self.repos = manifest
         self.faults: dict[str, dict[str, int]] = {}
         self.stats: dict[str, dict[str, int]] = {}
+        self.rate = 0  # bytes/s per download, as a CDN caps one connection (0: as fast as it goes)
         self._meta: dict[str, dict[str, Any]] = {}
 
     # -- helpers ---------------------------------------------------------------
@@ -188,12 +191,13 @@ class Hub:
         else:
             request.setHeader(b"ETag", f'"{meta["oid"]}"'.encode())
         request.setHeader(b"Content-Type", b"application/octet-stream")
-        start, end = 0, len(data)
+        start, end, bounded = 0, len(data), False
         rng = request.getHeader(b"Range")
         if rng and rng.startswith(b"bytes=") and b"," not in rng:
             first, _, last = rng[6:].decode().partition("-")
             start = int(first) if first else 0
-            end = int(last) + 1 if last else len(data)
+            end = min(int(last) + 1, len(data)) if last else len(data)
+            bounded = bool(last)
             if start >= len(data):
                 request.setResponseCode(416)
                 request.setHeader(b"Content-Range", f"bytes */{len(data)}".encode())
@@ -207,6 +211,8 @@ class Hub:
         stats = self.stats.setdefault(filepath, {"gets": 0, "ranged": 0})
         stats["gets"] += 1
         stats["ranged"] += 1 if start else 0
+        if bounded:  # a bounded range: one part of a ranged download
+            stats["parts"] = stats.get("parts", 0) + 1
         fault = self.faults.get(filepath)
         if fault and fault["times"] > 0 and len(body) > fault["drop_after"]:
             fault["times"] -= 1
@@ -217,7 +223,33 @@ class Hub:
             # registered producer; the bytes written are flushed well within 0.1 s.)
             reactor.callLater(0.1, request.channel.transport.abortConnection)  # type: ignore[attr-defined]
             return Deferred()  # type: ignore[return-value]  # never answered: Klein cancels it
+        if self.rate:
+            return self._paced(request, body)  # type: ignore[return-value]
         return body
+
+    def _paced(self, request: Any, body: bytes) -> Deferred[bytes]:
+        """``body`` at ``rate`` bytes/s, in 64 KiB writes; stops if the client goes."""
+        done: Deferred[bytes] = Deferred()
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        chunk = 64 << 10
+
+        def step(pos: int) -> None:
+            if gone:
+                return
+            if pos >= len(body):
+                done.callback(b"")
+                return
+            request.write(body[pos:pos + chunk])
+            reactor.callLater(chunk / self.rate, step, pos + chunk)  # type: ignore[attr-defined]
+
+        step(0)
+        return done
+
+    @app.route("/_throttle", methods=["POST"])
+    def set_throttle(self, request: Any) -> bytes:
+        self.rate = int(json.loads(request.content.read())["rate"])
+        return self._json(request, {"rate": self.rate})
 
     @app.route("/_faults", methods=["POST"])
     def set_fault(self, request: Any) -> bytes:

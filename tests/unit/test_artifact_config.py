@@ -66,6 +66,8 @@ def _res(**kw: object) -> dict:
     (_res(**{k: v for k, v in MGR.items() if k != "manager-access-key"}), "manager-access-key"),
     (_res(**dict(MGR, **{"manager-api-version": "9"})), "manager-api-version"),
     (_res(**dict(MGR, **{"manager-endpoint": "ftp://mgr"})), "manager-endpoint"),
+    (_res(**dict(RES, **{"part-size": 4096})), "part-size"),
+    (_res(**dict(RES, **{"part-size": "big"})), "part-size"),
 ])
 def test_invalid_reservoir_values_name_the_key(root: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -74,6 +76,20 @@ def test_invalid_reservoir_values_name_the_key(root: dict, key: str) -> None:
     assert "\n" not in str(info.value)
     for secret in ("T", "s"):
         assert f"'{secret}'" not in str(info.value)
+
+
+def test_part_size() -> None:
+    def hf(**kw: object) -> int:
+        return parse_artifact_config({"artifact-registries": {"h": {"type": "huggingface", "huggingface": kw}}}
+                                     ).registries["h"].part_size
+
+    assert hf() == 64 << 20 and hf(**{"part-size": 0}) == 0 and hf(**{"part-size": 1 << 20}) == 1 << 20
+    with pytest.raises(ConfigError) as info:
+        hf(**{"part-size": -1})
+    assert info.value.key == "[artifact-registries.h.huggingface] part-size"
+    # through a manager no Range reaches the source: no parts
+    cfg = parse_artifact_config(_res(**dict(MGR, **{"part-size": 1 << 20})))
+    assert cfg.registries["r"].part_size == 0
 
 
 def test_flat_tables_and_legacy_lists() -> None:
