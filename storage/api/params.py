@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,8 +165,11 @@ def nullable(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return convert_nullable
 
 
+_INTEGER_TEXT = re.compile("[+-]?[0-9]{1,40}")
+
+
 def integer(value: Any) -> int:
-    """An int, or a string of digits (upstream's ``ToInt``)."""
+    """An int, or a string of ASCII digits (upstream's ``ToInt``)."""
     if isinstance(value, bool):
         raise ParamError("expected an integer, got a boolean")
     if isinstance(value, int):
@@ -173,8 +177,8 @@ def integer(value: Any) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("+-").isdigit() and len(text) <= 40:
+        text = value.strip(" \t\n\r")
+        if _INTEGER_TEXT.fullmatch(text):
             return int(text)
     raise ParamError(f"expected an integer, got {value!r}"[:200])
 

@@ -194,3 +194,18 @@ def test_binary_sizes(value: Any, expected: int) -> None:
 def test_bad_binary_sizes(value: Any) -> None:
     with pytest.raises(p.ParamError):
         p.binary_size(value)
+
+
+@pytest.mark.parametrize("text", ["+-5", "--5", "²", "٣", "1_0", "0x10", "", "+"])
+def test_integer_text_other_than_ascii_digits_is_a_param_error(text: str) -> None:
+    # "+-5" and "²" passed the old isdigit() check and made int() raise
+    # ValueError: a 500 instead of a 400 (found by schemathesis).
+    with pytest.raises(p.ParamError):
+        p.integer(text)
+
+
+@given(st.integers(min_value=-(10**39), max_value=10**39), st.sampled_from(["", " ", "\t", "\n"]))
+def test_integer_text_of_ascii_digits_is_its_value(number: int, pad: str) -> None:
+    assert p.integer(f"{pad}{number}{pad}") == number
+    if number >= 0:
+        assert p.integer(f"+{number}") == number

@@ -324,3 +324,17 @@ async def test_os_errors_of_file_operations_are_upstreams_400(manager: StubManag
     assert (r.code, r.content_type) == (400, PROBLEM)
     body = r.json()
     assert (body["msg"], body["errno"], body["paths"]) == ("Permission denied", 13, ["a/b", "c"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_integer_parameter_with_two_signs_is_400_not_500(manager: StubManager) -> None:
+    qsid = f"user:{uuid.uuid4()}"
+    for bad in ("+-5", "²"):
+        r = await manager.request("PATCH", "/quota-scope",
+                                  {"volume": "local", "qsid": qsid, "options": {"limit_bytes": bad}})
+        assert (r.code, r.content_type) == (400, PROBLEM), bad
+        assert "options" in r.json()["data"]
+        r = await manager.request("POST", "/folder/file/upload",
+                                  {"volume": "local", "vfid": new_vfid(), "relpath": "a", "size": bad})
+        assert (r.code, r.content_type) == (400, PROBLEM), bad
+        assert set(r.json()["data"]) == {"size"}
