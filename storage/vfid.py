@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -18,11 +19,16 @@ class InvalidID(ValueError):
     pass
 
 
+# 32 hex digits, hyphenated or not.  uuid.UUID() alone also takes braces,
+# "urn:uuid:", hyphens anywhere, underscores and surrounding blanks (int()'s
+# rules): none of that is an id the manager sends, and ids name directories.
+_UUID_TEXT = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+
+
 def _parse_uuid(text: str, what: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except (ValueError, AttributeError, TypeError):
-        raise InvalidID(f"{what} is not a UUID: {text!r}") from None
+    if not isinstance(text, str) or not _UUID_TEXT.fullmatch(text):
+        raise InvalidID(f"{what} is not a UUID: {text!r}"[:300])
+    return uuid.UUID(text)
 
 
 @dataclass(frozen=True, order=True)

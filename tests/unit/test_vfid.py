@@ -50,3 +50,26 @@ def test_parse_never_raises_anything_but_invalid_id(text):
         VFolderID.parse(text)
     except InvalidID:
         pass
+
+
+@pytest.mark.parametrize("text", [
+    "{%s}" % ("a" * 32), "urn:uuid:" + "a" * 32, " " + "a" * 31, "a" * 16 + "_" + "a" * 15,
+    "a" * 31 + "\n", "a-" * 16, "+" + "a" * 31,
+])
+def test_only_32_hex_digits_optionally_hyphenated_are_a_uuid(text: str) -> None:
+    # uuid.UUID() takes all of these; the id names a directory, so only the
+    # forms the manager sends are accepted.
+    with pytest.raises(InvalidID):
+        VFolderID.parse(text)
+    with pytest.raises(InvalidID):
+        QuotaScopeID.parse(f"user:{text}")
+    with pytest.raises(InvalidID):
+        VFolderID.parse(f"user:{uuid.uuid4()}/{text}")
+
+
+@given(st.uuids(), st.uuids(), st.booleans())
+def test_canonical_and_hex_forms_parse(scope: uuid.UUID, folder: uuid.UUID, hyphens: bool) -> None:
+    text = f"project:{scope}/{folder if hyphens else folder.hex}"
+    vfid = VFolderID.parse(text)
+    assert vfid.folder_id == folder and vfid.quota_scope_id == QuotaScopeID("project", scope)
+    assert VFolderID.parse(str(vfid)) == vfid
