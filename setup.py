@@ -86,6 +86,8 @@ setup(
             "requests>=2.31",
             "tuspy>=1.0",
             "aiotusclient>=0.1.4",
+            # the converters' JSON Schemas (tests/api/test_openapi.py), Draft 2020-12 as OpenAPI 3.1
+            "jsonschema>=4.18",
         ],
     },
     entry_points={

@@ -22,7 +22,8 @@ class InvalidID(ValueError):
 # 32 hex digits, hyphenated or not.  uuid.UUID() alone also takes braces,
 # "urn:uuid:", hyphens anywhere, underscores and surrounding blanks (int()'s
 # rules): none of that is an id the manager sends, and ids name directories.
-_UUID_TEXT = re.compile("[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+UUID_PATTERN = "[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+_UUID_TEXT = re.compile(UUID_PATTERN)
 
 
 def _parse_uuid(text: str, what: str) -> uuid.UUID:

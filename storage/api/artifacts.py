@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from storage.api import params as p
 from storage.api.manager import ManagerAPI, api_route
+from storage.api.openapi import BINARY, NO_CONTENT, Response, returns
 from storage.api.params import Field
 from storage.api.problems import json_body
 from storage.artifacts.errors import UnsupportedMediaType
@@ -46,6 +47,11 @@ UPLOAD_PATHS = (
 )
 
 
+_STORAGE_PATH = {"type": "string", "minLength": 1,
+                 "description": "a path inside the artifact storage (no '..', not absolute)"}
+
+
+@p.with_schema(_STORAGE_PATH)
 def _filepath(value: Any) -> str:
     try:
         return validate_filepath(value, "filepath")
@@ -53,6 +59,7 @@ def _filepath(value: Any) -> str:
         raise p.ParamError(str(exc.msg or exc).split(": ", 1)[-1]) from None
 
 
+@p.with_schema(_STORAGE_PATH)
 def _directory(value: Any) -> str:
     try:
         return validate_filepath(value, "directory")
@@ -216,10 +223,18 @@ async def await_upload(request: Any) -> Any:
 
 # -- the VFS routes --------------------------------------------------------------------
 
+FILEPATH = {"type": "object", "required": ["filepath"], "properties": {"filepath": {"type": "string"}}}
+FILES = {"type": "object", "required": ["files"], "properties": {"files": {"type": "array"}}}
+MULTIPART = {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"filepath": {"type": "string"}, "file": {"type": "string", "format": "binary"}},
+    "required": ["file"]}}}
 
-@api_route(VFS + "/<storage_name>/files", "GET", name=VFS + "/<storage_name>/files")
+
+@api_route(VFS + "/<storage_name>/files", "GET", name=VFS + "/<storage_name>/files",
+           body=(Field("directory", _directory),), allow_extra=True, responses={200: returns(FILES)}, errors=(404,),
+           summary="list a directory of a VFS artifact storage")
 async def vfs_list_files(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
-    args = self._params(request, Field("directory", _directory), allow_extra=True)
+    args = self._params(request)
     storage = self.artifacts.get_vfs(storage_name)
 
     def listing() -> bytes:
@@ -230,31 +245,39 @@ async def vfs_list_files(self: ManagerAPI, request: Any, storage_name: str) -> b
     return body
 
 
-@api_route(VFS + "/<storage_name>/meta", "GET", name=VFS + "/<storage_name>/meta")
+@api_route(VFS + "/<storage_name>/meta", "GET", name=VFS + "/<storage_name>/meta",
+           body=(Field("filepath", _filepath),), allow_extra=True, errors=(404,), summary="a file's metadata")
 async def vfs_get_file_meta(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
-    args = self._params(request, Field("filepath", _filepath), allow_extra=True)
+    args = self._params(request)
     storage = self.artifacts.get_vfs(storage_name)
     return json_body(request, await self.pool.run(storage.meta, args["filepath"]))
 
 
-@api_route(VFS + "/<storage_name>", "DELETE", name=VFS + "/<storage_name>")
+@api_route(VFS + "/<storage_name>", "DELETE", name=VFS + "/<storage_name>",
+           body=(Field("filepath", _filepath),), allow_extra=True, responses={200: returns(FILEPATH)}, errors=(404,),
+           summary="delete a file or directory")
 async def vfs_delete_file(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
-    args = self._params(request, Field("filepath", _filepath), allow_extra=True)
+    args = self._params(request)
     storage = self.artifacts.get_vfs(storage_name)
     await self.pool.run(storage.delete, args["filepath"])
     return json_body(request, {"filepath": args["filepath"]})
 
 
-@api_route(VFS + "/<storage_name>/upload", "POST", name=VFS + "/<storage_name>/upload")
+@api_route(VFS + "/<storage_name>/upload", "POST", name=VFS + "/<storage_name>/upload",
+           request_content=MULTIPART, query=("filepath",), responses={201: returns(FILEPATH, "stored")}, errors=(404, 409, 415, 507),
+           summary="upload one file (multipart/form-data, streamed)")
 async def vfs_upload_file(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
     self.artifacts.get_vfs(storage_name)
     filepath = await await_upload(request)
     return json_body(request, {"filepath": filepath}, 201)
 
 
-@api_route(VFS + "/<storage_name>/download", "POST", name=VFS + "/<storage_name>/download")
+@api_route(VFS + "/<storage_name>/download", "POST", name=VFS + "/<storage_name>/download",
+           body=(Field("filepath", _filepath),), allow_extra=True, errors=(404,),
+           responses={200: Response("the file, or a directory as a tar stream", BINARY, "application/octet-stream")},
+           summary="download a file (a directory as tar)")
 async def vfs_download_file(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
-    args = self._params(request, Field("filepath", _filepath), allow_extra=True)
+    args = self._params(request)
     storage = self.artifacts.get_vfs(storage_name)
     content_type, length, source = await self.pool.run(storage.open_download, args["filepath"])
     if isinstance(source, int):
@@ -300,6 +323,7 @@ def _http_date(seconds: int) -> bytes:
 S3 = "/v1/storages/s3/<storage_name>/buckets/<bucket_name>/object"
 
 
+@p.with_schema({"type": "string", "minLength": 1, "description": "an object key"})
 def _key(value: Any) -> str:
     from storage.artifacts.s3 import validate_key
 
@@ -309,6 +333,8 @@ def _key(value: Any) -> str:
         raise p.ParamError(str(exc.msg or exc).split(": ", 1)[-1]) from None
 
 
+@p.with_schema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string"}, {"type": "null"}],
+                "description": "seconds the URL is valid"})
 def _expiration(value: Any) -> int | None:
     from storage.artifacts.s3 import MAX_PRESIGN_EXPIRY
 
@@ -320,36 +346,45 @@ def _expiration(value: Any) -> int | None:
     return number
 
 
-def _s3(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str, *fields: Field) -> tuple[Any, dict[str, Any]]:
-    args = self._params(request, *fields, allow_extra=True)
+KEY = (Field("key", _key),)
+S3_ERRORS = (404, 502)
+
+
+def _s3(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> tuple[Any, dict[str, Any]]:
+    args = self._params(request)
     storage = self.artifacts.get_s3(storage_name)
     storage.check_bucket(bucket_name)
     return storage, args
 
 
-@api_route(S3 + "/meta", "GET", name=S3 + "/meta")
+@api_route(S3 + "/meta", "GET", name=S3 + "/meta", body=KEY, allow_extra=True, errors=S3_ERRORS,
+           summary="an object's metadata")
 async def s3_get_object_meta(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
-    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    storage, args = _s3(self, request, storage_name, bucket_name)
     return json_body(request, await self.pool.run(storage.meta, bucket_name, args["key"]))
 
 
-@api_route(S3, "DELETE", name=S3)
+@api_route(S3, "DELETE", name=S3, body=KEY, allow_extra=True, responses={204: NO_CONTENT}, errors=S3_ERRORS,
+           summary="delete an object")
 async def s3_delete_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
-    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    storage, args = _s3(self, request, storage_name, bucket_name)
     await self.pool.run(storage.delete, bucket_name, args["key"])
     return self._no_content(request)
 
 
-@api_route(S3 + "/upload", "POST", name=S3 + "/upload")
+@api_route(S3 + "/upload", "POST", name=S3 + "/upload", request_content=MULTIPART, query=("key",),
+           responses={204: NO_CONTENT},
+           errors=(*S3_ERRORS, 415), summary="upload an object (multipart/form-data, streamed)")
 async def s3_upload_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
     self.artifacts.get_s3(storage_name).check_bucket(bucket_name)
     await await_upload(request)
     return self._no_content(request)
 
 
-@api_route(S3 + "/download", "POST", name=S3 + "/download")
+@api_route(S3 + "/download", "POST", name=S3 + "/download", body=KEY, allow_extra=True, errors=S3_ERRORS,
+           responses={200: Response("the object", BINARY, "application/octet-stream")}, summary="download an object")
 async def s3_download_object(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
-    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    storage, args = _s3(self, request, storage_name, bucket_name)
     length, body = await self.pool.run(storage.open_download, bucket_name, args["key"])
     request.setResponseCode(200)
     request.setHeader(b"Content-Type", b"application/octet-stream")
@@ -361,15 +396,17 @@ async def s3_download_object(self: ManagerAPI, request: Any, storage_name: str, 
     return b""
 
 
-@api_route(S3 + "/presigned/upload", "POST", name=S3 + "/presigned/upload")
+@api_route(S3 + "/presigned/upload", "POST", name=S3 + "/presigned/upload", body=KEY, allow_extra=True,
+           errors=S3_ERRORS, summary="a presigned POST for an object")
 async def s3_presigned_upload(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
-    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key))
+    storage, args = _s3(self, request, storage_name, bucket_name)
     return json_body(request, await self.pool.run(storage.presigned_upload, bucket_name, args["key"]))
 
 
-@api_route(S3 + "/presigned/download", "POST", name=S3 + "/presigned/download")
+@api_route(S3 + "/presigned/download", "POST", name=S3 + "/presigned/download",
+           body=(*KEY, Field("expiration", _expiration, None)), allow_extra=True, errors=S3_ERRORS,
+           summary="a presigned GET URL for an object")
 async def s3_presigned_download(self: ManagerAPI, request: Any, storage_name: str, bucket_name: str) -> bytes:
-    storage, args = _s3(self, request, storage_name, bucket_name, Field("key", _key),
-                        Field("expiration", _expiration, None))
+    storage, args = _s3(self, request, storage_name, bucket_name)
     return json_body(request, await self.pool.run(storage.presigned_download, bucket_name, args["key"],
                                                   args["expiration"]))

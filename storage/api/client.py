@@ -45,6 +45,13 @@ class ClientAPI:
     def status(self, request: Any) -> bytes:
         return json_body(request, {"status": "ok", "type": "client-facing", "storage-proxy": API_VERSION})
 
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_document(self, request: Any) -> bytes:
+        from storage.api.openapi import client_document_bytes
+
+        request.setHeader(b"Content-Type", b"application/json")
+        return client_document_bytes()
+
     @app.route("/download", methods=["GET", "HEAD"])
     def download(self, request: Any) -> Any:
         return self.downloads.download(request)

@@ -31,6 +31,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from storage.api import params
 from storage.api.ranges import (
     UNSATISFIABLE,
     ByteRange,
@@ -56,8 +57,6 @@ from storage.zipstream import ZipEntry, ZipWriter, collect_entries
 log = Logger()
 
 DEFAULT_ARCHIVE_NAME = "archive.zip"
-_TRUE = {"1", "true", "t", "yes", "y", "on"}
-_FALSE = {"0", "false", "f", "no", "n", "off", ""}
 _CONDITIONAL_HEADERS = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since")
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -94,15 +93,14 @@ def _query(request: Any, name: str) -> str | None:
 
 
 def _query_bool(request: Any, name: str) -> bool:
+    """The manager API's boolean words (``params.boolean``, also what the OpenAPI document says)."""
     value = _query(request, name)
-    if value is None:
-        return False
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise InvalidAPIParameters.field(name, f"expected a boolean, got {value!r}")
+    if value is None or not value.strip(params.BLANKS):
+        return False  # ?archive= is no
+    try:
+        return params.boolean(value)
+    except params.ParamError:
+        raise InvalidAPIParameters.field(name, f"expected a boolean, got {value!r}") from None
 
 
 # -- response headers -----------------------------------------------------------

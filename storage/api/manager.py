@@ -32,6 +32,30 @@ from zope.interface import implementer
 from backends.base import AbstractVolume, QuotaConfig
 from storage import API_VERSION, tokens
 from storage.api import params as p
+from storage.api.openapi import (
+    ANY_OBJECT,
+    API_STATUS,
+    BGTASK,
+    BGTASK_ID,
+    BINARY,
+    FS_USAGE,
+    HEALTH,
+    LISTING,
+    METADATA,
+    MKDIR,
+    MOUNT,
+    NO_CONTENT,
+    PERFORMANCE,
+    QUOTA_USAGE,
+    STATUS_OK,
+    TOKEN,
+    USAGE,
+    USED_BYTES,
+    VOLUMES,
+    Response,
+    Route,
+    returns,
+)
 from storage.api.params import Field
 from storage.api.problems import Utf8PathGuard, add_error_handling, json_body
 from storage.artifacts.huggingface import HuggingFaceRegistries
@@ -132,15 +156,31 @@ def _os_error(exc: OSError, vfolder: Path) -> StorageError:
     return FileOperationFailed(msg, errno=exc.errno, paths=paths)
 
 
-def api_route(path: str, method: str, *, auth: bool = True, name: str | None = None) -> Callable[[Any], Any]:
-    """A manager route: metrics, the auth check, and backend errors mapped to problems."""
+def api_route(
+    path: str, method: str, *, auth: bool = True, name: str | None = None,
+    body: tuple[Field, ...] | None = None, allow_extra: bool = False,
+    responses: dict[int, Response] | None = None, errors: tuple[int, ...] = (), summary: str = "",
+    request_content: dict[str, Any] | None = None, query: tuple[str, ...] = (), required_query: tuple[str, ...] = (),
+) -> Callable[[Any], Any]:
+    """A manager route: metrics, the auth check, and backend errors mapped to problems.
+
+    ``body`` are the JSON parameters the route validates with (``self._params(request)``),
+    ``responses`` its answers and ``errors`` the statuses of its problems: together the
+    route's entry in ``ROUTES``, which the OpenAPI document is built from.
+    """
 
     def decorate(f: Callable[..., Any]) -> Any:
         route = name or path
+        spec = Route(method, path, auth=auth, body=body, allow_extra=allow_extra,
+                     responses=responses or {200: returns(ANY_OBJECT)}, errors=errors,
+                     summary=summary or (f.__doc__ or "").strip().split("\n")[0],
+                     request_content=request_content, query=query, required_query=required_query)
+        ROUTES.append(spec)
 
         @functools.wraps(f)
         async def handler(self: ManagerAPI, request: IRequest, *args: Any, **kwargs: Any) -> Any:
             self.metrics.track(request, route)
+            request.storage_route = spec  # type: ignore[attr-defined]  # what _params validates with
             if auth:
                 check_manager_token(request, self.config.manager.secret)
             try:
@@ -158,6 +198,9 @@ def api_route(path: str, method: str, *, auth: bool = True, name: str | None = N
         return app.route(path, methods=[method], endpoint=f"{method} {path}")(handler)
 
     return decorate
+
+
+ROUTES: list[Route] = []  # every manager route's declaration, in registration order
 
 
 # -- streaming a file with backpressure ----------------------------------------------
@@ -265,6 +308,12 @@ class BackgroundTaskService(Service):
 HUB_THREADS = 8  # threads for calls to artifact registries (storage/api/registries.py)
 
 
+DELETE_FILES = (
+    Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+    Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
+)
+
+
 class ManagerAPI:
     app = app
 
@@ -318,9 +367,12 @@ class ManagerAPI:
 
     # -- helpers ------------------------------------------------------------
 
-    def _params(self, request: IRequest, *fields: Field, allow_extra: bool = False) -> dict[str, Any]:
+    def _params(self, request: IRequest) -> dict[str, Any]:
+        """The JSON body, checked against the ``body`` the route declares (``api_route``)."""
+        spec: Route = request.storage_route  # type: ignore[attr-defined]
+        fields = spec.body or ()
         raw = p.read_json_body(request, self.config.max_manager_body)
-        return p.parse_params(raw, fields, allow_extra=allow_extra)
+        return p.parse_params(raw, fields, allow_extra=spec.allow_extra)
 
     def _volume(self, request: IRequest, name: str) -> AbstractVolume:
         request.storage_volume = name  # type: ignore[attr-defined]  # problems.py logs it
@@ -348,30 +400,41 @@ class ManagerAPI:
         p.require_empty_body(request, self.config.max_manager_body)
         return json_body(request, {"status": "ok", "type": "manager-facing", "storage-proxy": API_VERSION})
 
-    @api_route("/", "GET", auth=False)
+    @api_route("/", "GET", auth=False, responses={200: returns(API_STATUS)}, errors=(400,), summary="status")
     async def status(self, request: IRequest) -> bytes:
         return self._status(request)
 
-    @api_route("/status", "GET", auth=False)
+    @api_route("/status", "GET", auth=False, responses={200: returns(API_STATUS)}, errors=(400,), summary="status")
     async def status_alias(self, request: IRequest) -> bytes:
         return self._status(request)
 
-    @api_route("/health", "GET", auth=False)
+    @api_route("/health", "GET", auth=False, responses={200: returns(HEALTH)}, summary="health (always 200)")
     async def check_health(self, request: IRequest) -> bytes:
         code, body = health_body(await self.health.connectivity(), probe=False)
         return json_body(request, body, code)
 
-    @api_route("/livez", "GET", auth=False)
+    @api_route("/livez", "GET", auth=False, responses={200: returns(HEALTH), 503: returns(HEALTH, "a gating check fails")},
+               summary="liveness")
     async def check_livez(self, request: IRequest) -> bytes:
         code, body = health_body(await self.health.connectivity(event_bus_gates=False), probe=True)
         return json_body(request, body, code)
 
-    @api_route("/readyz", "GET", auth=False)
+    @api_route("/readyz", "GET", auth=False, responses={200: returns(HEALTH), 503: returns(HEALTH, "a gating check fails")},
+               summary="readiness")
     async def check_readyz(self, request: IRequest) -> bytes:
         code, body = health_body(await self.health.connectivity(), probe=True)
         return json_body(request, body, code)
 
-    @api_route("/metrics", "GET", auth=False)
+    @api_route("/openapi.json", "GET", responses={200: returns(ANY_OBJECT, "this document (OpenAPI 3.1)")},
+               summary="this API's OpenAPI document")
+    async def openapi_document(self, request: IRequest) -> bytes:
+        from storage.api.openapi import manager_document_bytes
+
+        request.setHeader(b"Content-Type", b"application/json")
+        return manager_document_bytes()
+
+    @api_route("/metrics", "GET", auth=False,
+               responses={200: Response("Prometheus text", {"type": "string"}, "text/plain")}, summary="metrics")
     async def metrics_text(self, request: IRequest) -> bytes:
         await self._refresh_fs_usage()
         if self.workers is not None:
@@ -395,55 +458,57 @@ class ManagerAPI:
 
     # -- volumes --------------------------------------------------------------
 
-    @api_route("/volumes", "GET")
+    @api_route("/volumes", "GET", responses={200: returns(VOLUMES)}, errors=(400,), summary="the volumes")
     async def get_volumes(self, request: IRequest) -> bytes:
         p.require_empty_body(request, self.config.max_manager_body)
         return json_body(request, {"volumes": [v.describe() for v in self.volumes]})
 
-    @api_route("/volume/hwinfo", "GET")
+    @api_route("/volume/hwinfo", "GET", body=(Field("volume", p.volume_name),), summary="backend-defined hardware info")
     async def get_hwinfo(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name))
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         return json_body(request, await volume.get_hwinfo())
 
-    @api_route("/volume/performance-metric", "GET")
+    @api_route("/volume/performance-metric", "GET", body=(Field("volume", p.volume_name),), responses={200: returns(PERFORMANCE)},
+               summary="performance metrics (400 unsupported-operation on vfs)")
     async def get_performance_metric(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name))
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         metric = await volume.get_performance_metric()
         if isinstance(metric, dict) and "metric" in metric and "observed_at" in metric:
             return json_body(request, metric)
         return json_body(request, {"metric": metric, "observed_at": _now_iso()})
 
-    @api_route("/folder/fs-usage", "GET")
+    @api_route("/folder/fs-usage", "GET", body=(Field("volume", p.volume_name),), responses={200: returns(FS_USAGE)},
+               summary="the filesystem's capacity and usage")
     async def get_fs_usage(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name))
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         usage = await volume.get_fs_usage()
         self.metrics.set_fs_usage(str(volume.name), usage.capacity_bytes, usage.used_bytes)
         return json_body(request, {"capacity_bytes": usage.capacity_bytes, "used_bytes": usage.used_bytes})
 
-    @api_route("/volume/quota", "GET")
+    @api_route("/volume/quota", "GET", body=(Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None)),
+               responses={}, summary="deprecated: always 400")
     async def get_quota(self, request: IRequest) -> bytes:
-        self._params(request, Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None))
+        self._params(request)
         raise DeprecatedAPI("get_quota (for individual vfolder) is a deprecated API")
 
-    @api_route("/volume/quota", "PATCH")
+    @api_route("/volume/quota", "PATCH", body=(
+        Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None), Field("size_bytes", p.binary_size),
+    ), responses={}, summary="deprecated: always 400")
     async def set_quota(self, request: IRequest) -> bytes:
-        self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.nullable(p.vfolder_id), None),
-            Field("size_bytes", p.binary_size),
-        )
+        self._params(request)
         raise DeprecatedAPI("set_quota (for individual vfolder) is a deprecated API")
 
     # -- quota scopes --------------------------------------------------------
 
-    @api_route("/quota-scope", "POST")
+    @api_route("/quota-scope", "POST", body=(
+        Field("volume", p.volume_name), Field("qsid", p.quota_scope_id),
+        Field("options", p.nullable(p.quota_options), None), Field("extra_args", p.nullable(p.mapping), None),
+    ), responses={204: NO_CONTENT}, errors=(409, 507), summary="create a quota scope")
     async def create_quota_scope(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id),
-            Field("options", p.nullable(p.quota_options), None), Field("extra_args", p.nullable(p.mapping), None),
-        )
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         options = QuotaConfig(args["options"]) if args["options"] is not None else None
         try:
@@ -452,9 +517,10 @@ class ManagerAPI:
             raise QuotaScopeExists("Volume already exists with given quota scope.") from None
         return self._no_content(request)
 
-    @api_route("/quota-scope", "GET")
+    @api_route("/quota-scope", "GET", body=(Field("volume", p.volume_name), Field("qsid", p.quota_scope_id)),
+               responses={200: returns(QUOTA_USAGE)}, errors=(404,), summary="a quota scope's usage and limit")
     async def get_quota_scope(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id))
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         usage = await volume.describe_quota_scope(args["qsid"])
         if usage is None:
@@ -467,12 +533,11 @@ class ManagerAPI:
             request, {"used_bytes": non_negative(usage.used_bytes), "limit_bytes": non_negative(usage.limit_bytes)}
         )
 
-    @api_route("/quota-scope", "PATCH")
+    @api_route("/quota-scope", "PATCH", body=(
+        Field("volume", p.volume_name), Field("qsid", p.quota_scope_id), Field("options", p.quota_options),
+    ), responses={204: NO_CONTENT}, errors=(507,), summary="set a quota scope's limit (creates it if missing)")
     async def update_quota_scope(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id),
-            Field("options", p.quota_options),
-        )
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         try:
             await volume.update_quota_scope(args["qsid"], QuotaConfig(args["options"]))
@@ -480,21 +545,22 @@ class ManagerAPI:
             raise InvalidQuotaConfig("Invalid quota config option") from None
         return self._no_content(request)
 
-    @api_route("/quota-scope/quota", "DELETE")
+    @api_route("/quota-scope/quota", "DELETE", body=(Field("volume", p.volume_name), Field("qsid", p.quota_scope_id)),
+               responses={204: NO_CONTENT}, errors=(404,), summary="remove a quota scope's limit")
     async def unset_quota(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("qsid", p.quota_scope_id))
+        args = self._params(request)
         volume = self._volume(request, args["volume"])
         await volume.unset_quota(args["qsid"])
         return self._no_content(request)
 
     # -- vfolders -----------------------------------------------------------
 
-    @api_route("/folder/create", "POST")
+    @api_route("/folder/create", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
+        Field("mode", p.permission_mode, DEFAULT_VFOLDER_MODE), Field("options", p.nullable(p.mapping), None),
+    ), responses={204: NO_CONTENT}, errors=(404, 409, 507), summary="create a vfolder")
     async def create_vfolder(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
-            Field("mode", p.permission_mode, DEFAULT_VFOLDER_MODE), Field("options", p.nullable(p.mapping), None),
-        )
+        args = self._params(request)
         vfid: VFolderID = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         mode = args["mode"] if args["mode"] is not None else DEFAULT_VFOLDER_MODE
@@ -517,9 +583,10 @@ class ManagerAPI:
             raise VFolderExists(f"the vfolder already exists: {vfid}") from None
         return self._no_content(request)
 
-    @api_route("/folder/delete", "POST")
+    @api_route("/folder/delete", "POST", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id)), responses={202: returns(BGTASK_ID, "the delete runs")},
+               summary="delete a vfolder (a background task)")
     async def delete_vfolder(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
 
@@ -528,13 +595,13 @@ class ManagerAPI:
         await self._recorded(task)
         return json_body(request, {"bgtask_id": str(task.task_id)}, 202)
 
-    @api_route("/folder/clone", "POST")
+    @api_route("/folder/clone", "POST", body=(
+        Field("src_volume", p.volume_name), Field("src_vfid", p.vfolder_id),
+        Field("dst_volume", p.nullable(p.volume_name)), Field("dst_vfid", p.vfolder_id),
+    ), allow_extra=True, responses={200: returns(BGTASK_ID, "the clone runs")},
+        summary="clone a vfolder (a background task; its failures fail the task)")
     async def clone_vfolder(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("src_volume", p.volume_name), Field("src_vfid", p.vfolder_id),
-            Field("dst_volume", p.nullable(p.volume_name)), Field("dst_vfid", p.vfolder_id),
-            allow_extra=True,
-        )
+        args = self._params(request)
         src_vfid, dst_vfid = args["src_vfid"], args["dst_vfid"]
         src_name = args["src_volume"]
         dst_name = src_name if args["dst_volume"] is None else args["dst_volume"]
@@ -562,11 +629,10 @@ class ManagerAPI:
         await self._recorded(task)
         return json_body(request, {"bgtask_id": str(task.task_id)})
 
-    @api_route("/folder/mount", "GET")
+    @api_route("/folder/mount", "GET", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("subpath", p.string, ".")),
+               responses={200: returns(MOUNT)}, summary="a vfolder's (sub)path on this host")
     async def get_vfolder_mount(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("subpath", p.string, "."),
-        )
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         try:
@@ -577,45 +643,47 @@ class ManagerAPI:
             raise InvalidSubpath("Invalid vfolder subpath", vfid=str(vfid), subpath=args["subpath"]) from None
         return json_body(request, {"path": str(path)})
 
-    @api_route("/folder/metadata", "GET")
+    @api_route("/folder/metadata", "GET", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id)), responses={200: returns(METADATA)}, errors=(404,),
+               summary="the vfolder's stored metadata")
     async def get_metadata(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        args = self._params(request)
         volume = self._vfolder(request, args["volume"], args["vfid"])
         payload = await volume.get_metadata(args["vfid"])
         text = payload.decode("utf-8", "replace") if payload else None
         return json_body(request, {"status": "ok", "payload": text})
 
-    @api_route("/folder/metadata", "POST")
+    @api_route("/folder/metadata", "POST", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("payload", p.text_payload)),
+               responses={200: returns(STATUS_OK)}, errors=(404, 507), summary="store the vfolder's metadata")
     async def set_metadata(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("payload", p.text_payload),
-        )
+        args = self._params(request)
         volume = self._vfolder(request, args["volume"], args["vfid"])
         await volume.put_metadata(args["vfid"], args["payload"])
         return json_body(request, {"status": "ok"})
 
-    @api_route("/folder/usage", "GET")
+    @api_route("/folder/usage", "GET", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id)), responses={200: returns(USAGE)}, errors=(404,),
+               summary="file count and bytes of a vfolder")
     async def get_vfolder_usage(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        args = self._params(request)
         volume = self._vfolder(request, args["volume"], args["vfid"])
         usage = await volume.get_usage(args["vfid"])
         return json_body(request, {"file_count": usage.file_count, "used_bytes": usage.used_bytes})
 
-    @api_route("/folder/used-bytes", "GET")
+    @api_route("/folder/used-bytes", "GET", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id)), responses={200: returns(USED_BYTES)}, errors=(404,),
+               summary="bytes used by a vfolder")
     async def get_vfolder_used_bytes(self, request: IRequest) -> bytes:
-        args = self._params(request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id))
+        args = self._params(request)
         volume = self._vfolder(request, args["volume"], args["vfid"])
         return json_body(request, {"used_bytes": await volume.get_used_bytes(args["vfid"])})
 
     # -- files ----------------------------------------------------------------
 
-    @api_route("/folder/file/mkdir", "POST")
+    @api_route("/folder/file/mkdir", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.mkdir_relpaths), Field("parents", p.boolean, True),
+        Field("exist_ok", p.boolean, False),
+    ), responses={200: returns(MKDIR, "all made"), 207: returns(MKDIR, "some made"), 422: returns(MKDIR, "none made")},
+        errors=(404,), summary="make directories (one, or up to 50)")
     async def mkdir(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
-            Field("relpath", p.mkdir_relpaths), Field("parents", p.boolean, True),
-            Field("exist_ok", p.boolean, False),
-        )
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
@@ -637,11 +705,10 @@ class ManagerAPI:
         status = 422 if not success else 207 if failed else 200
         return json_body(request, {"results": {"success": success, "failed": failed}}, status)
 
-    @api_route("/folder/file/list", "POST")
+    @api_route("/folder/file/list", "POST", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath)),
+               responses={200: returns(LISTING)}, errors=(404,), summary="list a directory (not recursive)")
     async def list_files(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
-        )
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
@@ -651,12 +718,11 @@ class ManagerAPI:
         request.setHeader(b"Content-Type", b"application/json")
         return data
 
-    @api_route("/folder/file/rename", "POST")
+    @api_route("/folder/file/rename", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath), Field("new_name", p.file_name), Field("is_dir", p.boolean, False),
+    ), responses={204: NO_CONTENT}, errors=(404, 409, 507), summary="rename a file or directory")
     async def rename_file(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
-            Field("new_name", p.file_name), Field("is_dir", p.boolean, False),
-        )
+        args = self._params(request)
         if str(args["relpath"]) == ".":
             raise InvalidAPIParameters.field("relpath", "cannot rename the vfolder root")
         vfid = args["vfid"]
@@ -665,12 +731,11 @@ class ManagerAPI:
         await volume.rename(vfid, str(args["relpath"]), args["new_name"])
         return self._no_content(request)
 
-    @api_route("/folder/file/move", "POST")
+    @api_route("/folder/file/move", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("src_relpath", p.relpath), Field("dst_relpath", p.relpath),
+    ), responses={204: NO_CONTENT}, errors=(404, 409, 507), summary="move a file or directory")
     async def move_file(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
-            Field("src_relpath", p.relpath), Field("dst_relpath", p.relpath),
-        )
+        args = self._params(request)
         for key in ("src_relpath", "dst_relpath"):
             if str(args[key]) == ".":
                 raise InvalidAPIParameters.field(key, "cannot be the vfolder root")
@@ -680,11 +745,12 @@ class ManagerAPI:
         await volume.move(vfid, str(args["src_relpath"]), str(args["dst_relpath"]))
         return self._no_content(request)
 
-    @api_route("/folder/file/fetch", "POST")
+    @api_route("/folder/file/fetch", "POST", body=(Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath)),
+               responses={200: Response("the file's bytes (empty if it does not exist)", BINARY,
+                                         "application/octet-stream")},
+               errors=(404,), summary="stream a file")
     async def fetch_file(self, request: Any) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
-        )
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
@@ -715,12 +781,12 @@ class ManagerAPI:
             self.pool.run(f.close).addErrback(lambda failure: log.failure("closing {path}", failure, path=path))
         return b""
 
-    @api_route("/folder/file/download", "POST")
+    @api_route("/folder/file/download", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
+        Field("archive", p.boolean, False), Field("unmanaged_path", p.nullable(p.string), None),
+    ), responses={200: returns(TOKEN)}, summary="a token for the client API's GET /download")
     async def create_download_session(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
-            Field("archive", p.boolean, False), Field("unmanaged_path", p.nullable(p.string), None),
-        )
+        args = self._params(request)
         self._volume(request, args["volume"])
         token = tokens.issue_download_token(
             self.config.secret, self.config.session_expire,
@@ -728,18 +794,12 @@ class ManagerAPI:
         )
         return json_body(request, {"token": token})
 
-    @api_route("/folder/file/archive-download-token", "POST")
+    @api_route("/folder/file/archive-download-token", "POST", body=(
+        Field("volume", p.volume_name), Field("virtual_folder_id", p.vfolder_id), Field("files", p.relpath_strings),
+        Field("filename", p.archive_filename, None),
+    ), responses={200: returns(TOKEN)}, summary="a token for the client API's GET /download-archive")
     async def create_archive_download_session(self, request: IRequest) -> bytes:
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("virtual_folder_id", p.vfolder_id),
-            Field("files", lambda v: p.string_list(v, min_items=1)),
-            Field("filename", p.archive_filename, None),
-        )
-        for i, item in enumerate(args["files"]):
-            try:
-                p.relpath(item)
-            except p.ParamError as exc:
-                raise InvalidAPIParameters.field("files", f"item {i}: {exc}") from None
+        args = self._params(request)
         self._volume(request, args["volume"])
         token = tokens.issue_archive_token(
             self.config.secret, self.config.session_expire, volume=args["volume"],
@@ -747,14 +807,14 @@ class ManagerAPI:
         )
         return json_body(request, {"token": token})
 
-    @api_route("/folder/file/upload", "POST")
+    @api_route("/folder/file/upload", "POST", body=(
+        Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath), Field("size", p.non_negative_integer),
+    ), responses={200: returns(TOKEN)}, errors=(404, 409, 413, 507),
+        summary="start a tus upload: a token for the client API's /upload")
     async def create_upload_session(self, request: IRequest) -> bytes:
         from storage.uploads import prepare_upload
 
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id), Field("relpath", p.relpath),
-            Field("size", p.non_negative_integer),
-        )
+        args = self._params(request)
         vfid, relpath = args["vfid"], str(args["relpath"])
         if relpath == ".":
             raise InvalidAPIParameters.field("relpath", "must name a file, not the vfolder root")
@@ -772,22 +832,21 @@ class ManagerAPI:
 
     async def _delete_request(self, request: IRequest) -> tuple[AbstractVolume, VFolderID, list[str], bool]:
         """The parameters both delete routes take, checked against an existing vfolder."""
-        args = self._params(
-            request, Field("volume", p.volume_name), Field("vfid", p.vfolder_id),
-            Field("relpaths", p.relpath_list), Field("recursive", p.boolean, False),
-        )
+        args = self._params(request)
         vfid = args["vfid"]
         volume = self._vfolder(request, args["volume"], vfid)
         await self._require_vfolder(volume, vfid)
         return volume, vfid, [str(r) for r in args["relpaths"]], args["recursive"]
 
-    @api_route("/folder/file/delete", "POST")
+    @api_route("/folder/file/delete", "POST", body=DELETE_FILES, responses={200: returns(STATUS_OK)}, errors=(404,),
+               summary="delete files (also when they do not exist)")
     async def delete_files(self, request: IRequest) -> bytes:
         volume, vfid, relpaths, recursive = await self._delete_request(request)
         await volume.delete_files(vfid, relpaths, recursive=recursive)
         return json_body(request, {"status": "ok"})
 
-    @api_route("/folder/file/delete-async", "POST")
+    @api_route("/folder/file/delete-async", "POST", body=DELETE_FILES, responses={202: returns(BGTASK_ID)},
+               errors=(404,), summary="delete files in a background task")
     async def delete_files_async(self, request: IRequest) -> bytes:
         volume, vfid, relpaths, recursive = await self._delete_request(request)
 
@@ -867,12 +926,15 @@ class ManagerAPI:
             raise NotFound(f"no such background task: {tid}", data={"task_id": "unknown task"})
         return tid, task
 
-    @api_route("/bgtask/<task_id>", "GET", name="/bgtask/<task_id>")
+    @api_route("/bgtask/<task_id>", "GET", name="/bgtask/<task_id>", responses={200: returns(BGTASK)}, errors=(400, 404),
+               summary="ours: a background task's state")
     async def get_bgtask(self, request: IRequest, task_id: str) -> bytes:
         _, task = self._task(task_id)
         return json_body(request, task.as_json())
 
-    @api_route("/bgtask/<task_id>/cancel", "POST", name="/bgtask/<task_id>/cancel")
+    @api_route("/bgtask/<task_id>/cancel", "POST", name="/bgtask/<task_id>/cancel",
+               responses={200: returns(BGTASK, "it had ended"), 202: returns(BGTASK, "asked to stop")}, errors=(400, 404),
+               summary="ours: cancel a background task")
     async def cancel_bgtask(self, request: IRequest, task_id: str) -> bytes:
         tid, _ = self._task(task_id)
         task = self.bgtasks.cancel(tid)

@@ -9,6 +9,13 @@ for an empty or malformed body, and 413 for a body over the configured cap.
 A converter takes the raw JSON value and returns the parsed one, or raises
 ``ParamError`` with a message; ``parse_params`` collects every failure and
 raises one ``InvalidAPIParameters`` naming them all.
+
+Each converter also carries the JSON Schema of what it accepts (``schema_of``):
+the OpenAPI document (``storage.api.openapi``) is built from the very ``Field``
+tuples the routes validate with, so the two cannot drift.  A schema says
+exactly what the converter accepts where JSON Schema can say it (ids, integers
+given as strings, boolean words), and is looser only where it cannot (path
+rules counted in UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from twisted.web.iweb import IRequest
 
 from storage.config import ConfigError, parse_size
 from storage.errors import InvalidAPIParameters, RequestTooLarge, StorageError
-from storage.paths import MAX_NAME_BYTES, validate_relpath
-from storage.vfid import InvalidID, QuotaScopeID, VFolderID
+from storage.paths import MAX_NAME_BYTES, MAX_PATH_BYTES, validate_relpath
+from storage.vfid import QUOTA_SCOPE_TYPES, UUID_PATTERN, InvalidID, QuotaScopeID, VFolderID
 
 MAX_MKDIR_BATCH = 50
 
@@ -52,10 +59,42 @@ class Field:
     name: str
     convert: Callable[[Any], Any]
     default: Any = _REQUIRED
+    description: str = ""
 
     @property
     def required(self) -> bool:
         return self.default is _REQUIRED
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema of the values this field accepts (its converter's, plus its default)."""
+        schema = dict(schema_of(self.convert))
+        if self.description:
+            schema["description"] = self.description
+        if not self.required and _is_json(self.default):
+            schema["default"] = self.default
+        return schema
+
+
+def _is_json(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def with_schema(schema: dict[str, Any]) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+    """Attach the JSON Schema of what a converter accepts to it."""
+
+    def attach(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        convert.json_schema = schema  # type: ignore[attr-defined]
+        return convert
+
+    return attach
+
+
+def schema_of(convert: Callable[[Any], Any]) -> dict[str, Any]:
+    schema = getattr(convert, "json_schema", None)
+    if schema is None:
+        name = getattr(convert, "__qualname__", repr(convert))
+        raise TypeError(f"converter {name} declares no JSON Schema (params.with_schema)")
+    return schema  # type: ignore[no-any-return]
 
 
 # -- reading the body ---------------------------------------------------------
@@ -146,28 +185,42 @@ def _kind(value: Any) -> str:
 
 # -- converters ---------------------------------------------------------------
 
+# What the converters accept, in JSON Schema's terms (ECMA-262 patterns).
+BLANKS = " \t\n\r"  # what integer and boolean texts may be padded with
+_WS = "[ \\t\\n\\r]*"
+QUOTA_SCOPE_PATTERN = f"({'|'.join(QUOTA_SCOPE_TYPES)}):{UUID_PATTERN}"
+_INTEGER_TEXT = re.compile("[+-]?[0-9]{1,40}")
 
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in word)
+
+
+@with_schema({"type": "string"})
 def string(value: Any) -> str:
     if not isinstance(value, str):
         raise ParamError(f"expected a string, got {_kind(value)}")
     return value
 
 
+@with_schema({"type": "string", "description": "a volume name (GET /volumes); an unknown one is 400"})
 def volume_name(value: Any) -> str:
     """A volume name: looked up later (unknown → 400 ``volume/invalid``)."""
     return string(value)
 
 
 def nullable(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    @with_schema({"anyOf": [schema_of(convert), {"type": "null"}]})
     def convert_nullable(value: Any) -> Any:
         return None if value is None else convert(value)
 
     return convert_nullable
 
 
-_INTEGER_TEXT = re.compile("[+-]?[0-9]{1,40}")
-
-
+@with_schema({"anyOf": [
+    {"type": "integer"},
+    {"type": "string", "pattern": f"^{_WS}[+-]?[0-9]{{1,40}}{_WS}$"},
+]})
 def integer(value: Any) -> int:
     """An int, or a string of ASCII digits (upstream's ``ToInt``)."""
     if isinstance(value, bool):
@@ -177,12 +230,16 @@ def integer(value: Any) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str):
-        text = value.strip(" \t\n\r")
+        text = value.strip(BLANKS)
         if _INTEGER_TEXT.fullmatch(text):
             return int(text)
     raise ParamError(f"expected an integer, got {value!r}"[:200])
 
 
+@with_schema({"anyOf": [
+    {"type": "integer", "minimum": 0},
+    {"type": "string", "pattern": f"^{_WS}(\\+?[0-9]{{1,40}}|-0{{1,40}}){_WS}$"},
+]})
 def non_negative_integer(value: Any) -> int:
     number = integer(value)
     if number < 0:
@@ -192,16 +249,24 @@ def non_negative_integer(value: Any) -> int:
 
 _TRUE = {"true", "t", "yes", "y", "on", "1"}
 _FALSE = {"false", "f", "no", "n", "off", "0"}
+_BOOLEAN_WORDS = "|".join(_any_case(w) for w in sorted(_TRUE | _FALSE))
+# A query-string boolean (the client API's archive, no_cache): a word, or empty for false.
+QUERY_BOOLEAN_SCHEMA = {"type": "string", "pattern": f"^{_WS}({_BOOLEAN_WORDS})?{_WS}$"}
 
 
+@with_schema({"anyOf": [
+    {"type": "boolean"},
+    {"enum": [0, 1]},
+    {"type": "string", "pattern": f"^{_WS}({_BOOLEAN_WORDS}){_WS}$"},
+]})
 def boolean(value: Any) -> bool:
     """A bool, 0/1, or a word like "true"/"no" (upstream's ``ToBool``)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0 is 1 in JSON Schema too
         return bool(value)
     if isinstance(value, str):
-        word = value.strip().lower()
+        word = value.strip(BLANKS).lower()
         if word in _TRUE:
             return True
         if word in _FALSE:
@@ -209,6 +274,11 @@ def boolean(value: Any) -> bool:
     raise ParamError(f"expected a boolean, got {value!r}"[:200])
 
 
+@with_schema({
+    "type": "string", "pattern": f"^({QUOTA_SCOPE_PATTERN}/)?{UUID_PATTERN}$",
+    "description": "'<user|project>:<quota scope uuid>/<folder uuid hex>', or a bare folder UUID (22.03)",
+    "examples": ["user:2f9c3a34-5e4d-4c5b-9a6e-0d5c1c9b7e21/5d0a3c1e2b9f4e8d8c7b6a5f4e3d2c1b"],
+})
 def vfolder_id(value: Any) -> VFolderID:
     try:
         return VFolderID.parse(value)
@@ -216,6 +286,8 @@ def vfolder_id(value: Any) -> VFolderID:
         raise ParamError(str(exc)[:300]) from None
 
 
+@with_schema({"type": "string", "pattern": f"^{QUOTA_SCOPE_PATTERN}$",
+              "examples": ["user:2f9c3a34-5e4d-4c5b-9a6e-0d5c1c9b7e21"]})
 def quota_scope_id(value: Any) -> QuotaScopeID:
     try:
         return QuotaScopeID.parse(value)
@@ -223,6 +295,7 @@ def quota_scope_id(value: Any) -> QuotaScopeID:
         raise ParamError(str(exc)[:300]) from None
 
 
+@with_schema({"type": "string", "format": "uuid"})
 def task_id(value: Any) -> uuid.UUID:
     try:
         return uuid.UUID(string(value))
@@ -230,6 +303,15 @@ def task_id(value: Any) -> uuid.UUID:
         raise ParamError(f"expected a background task id (a UUID), got {value!r}"[:200]) from None
 
 
+# Relative, no NUL; ".." and the byte lengths (MAX_PATH_BYTES, MAX_NAME_BYTES per
+# name) are checked too but not expressed here.
+RELPATH_SCHEMA: dict[str, Any] = {
+    "type": "string", "pattern": "^[^/\\u0000][^\\u0000]*$|^$", "maxLength": MAX_PATH_BYTES,
+    "description": "a path relative to the vfolder (no '..', no NUL; '' or '.' is the vfolder itself)",
+}
+
+
+@with_schema(RELPATH_SCHEMA)
 def relpath(value: Any) -> PurePosixPath:
     """A path relative to the vfolder: no absolute path, ``..``, NUL, or over-long names."""
     try:
@@ -259,6 +341,11 @@ def relpath_list(value: Any, max_items: int | None = None, min_items: int = 0) -
     return paths
 
 
+relpath_list.json_schema = {"type": "array", "items": RELPATH_SCHEMA}  # type: ignore[attr-defined]
+
+
+@with_schema({"anyOf": [RELPATH_SCHEMA, {"type": "array", "items": RELPATH_SCHEMA, "minItems": 1,
+                                         "maxItems": MAX_MKDIR_BATCH}]})
 def mkdir_relpaths(value: Any) -> list[PurePosixPath]:
     """``relpath`` of ``/folder/file/mkdir``: one path, or a list of 1 to 50."""
     if isinstance(value, list):
@@ -266,6 +353,8 @@ def mkdir_relpaths(value: Any) -> list[PurePosixPath]:
     return [relpath(value)]
 
 
+@with_schema({"type": "string", "pattern": "^[^/\\u0000]+$", "not": {"enum": [".", ".."]},
+              "maxLength": MAX_NAME_BYTES, "description": f"one name: no '/', NUL, '.', '..'; at most {MAX_NAME_BYTES} bytes"})
 def file_name(value: Any) -> str:
     """A single directory entry name (``new_name`` of rename)."""
     name = string(value)
@@ -278,6 +367,11 @@ def file_name(value: Any) -> str:
     return name
 
 
+@with_schema({"anyOf": [
+    {"type": "string", "maxLength": 255, "pattern": "^[^/\\\\\\u0000-\\u001f\\u007f]*$",
+     "not": {"anyOf": [{"enum": [".", ".."]}, {"pattern": "^[ \\t\\n\\r\\u000b\\u000c]*$"}]}},
+    {"type": "null"},
+]})
 def archive_filename(value: Any) -> str | None:
     """The zip name of ``archive-download-token``: validated as upstream does."""
     if value is None:
@@ -294,6 +388,12 @@ def archive_filename(value: Any) -> str | None:
     return name
 
 
+@with_schema({"anyOf": [
+    {"type": "integer", "minimum": 0, "maximum": 0o7777},
+    {"type": "string", "pattern": f"^{_WS}(?=[+-]?[0-9]{{1,40}}{_WS}$)"
+                                  f"(\\+?0*([0-9]{{1,3}}|[0-3][0-9]{{3}}|40[0-8][0-9]|409[0-5])|-0+){_WS}$"},
+    {"type": "null"},
+], "description": "permission bits, 0 to 0o7777 (4095)"})
 def permission_mode(value: Any) -> int | None:
     if value is None:
         return None
@@ -303,12 +403,15 @@ def permission_mode(value: Any) -> int | None:
     return mode
 
 
+@with_schema({"type": "object"})
 def mapping(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ParamError(f"expected an object, got {_kind(value)}")
     return value
 
 
+@with_schema({"type": "object", "required": ["limit_bytes"], "additionalProperties": False,
+              "properties": {"limit_bytes": schema_of(integer)}})
 def quota_options(value: Any) -> int:
     """``{"limit_bytes": int}``; returns the limit."""
     if not isinstance(value, dict):
@@ -324,6 +427,8 @@ def quota_options(value: Any) -> int:
         raise ParamError(f"limit_bytes: {exc}") from None
 
 
+@with_schema({"anyOf": [{"type": "integer", "minimum": 0},
+                        {"type": "string", "description": "a size such as '10g' or '512m'"}]})
 def binary_size(value: Any) -> int:
     """``"10g"``, ``"512m"`` or a number of bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -334,6 +439,7 @@ def binary_size(value: Any) -> int:
         raise ParamError(f"value is not a valid binary size: {value!r}"[:200]) from None
 
 
+@with_schema({"type": "string", "description": "stored as UTF-8"})
 def text_payload(value: Any) -> bytes:
     """The ``payload`` of ``POST /folder/metadata``: a string, stored as UTF-8."""
     if not isinstance(value, str):
@@ -350,3 +456,27 @@ def string_list(value: Any, min_items: int = 0) -> list[str]:
     if len(value) < min_items:
         raise ParamError(f"at least {min_items} item(s) required")
     return value
+
+
+string_list.json_schema = {"type": "array", "items": {"type": "string"}}  # type: ignore[attr-defined]
+
+
+def non_empty_string_list(value: Any) -> list[str]:
+    return string_list(value, min_items=1)
+
+
+non_empty_string_list.json_schema = {"type": "array", "items": {"type": "string"}, "minItems": 1}  # type: ignore[attr-defined]
+
+
+def relpath_strings(value: Any) -> list[str]:
+    """At least one path, each checked as a ``relpath`` and kept as given (archive ``files``)."""
+    items = non_empty_string_list(value)
+    for i, item in enumerate(items):
+        try:
+            relpath(item)
+        except ParamError as exc:
+            raise ParamError(f"item {i}: {exc}") from None
+    return items
+
+
+relpath_strings.json_schema = {"type": "array", "items": RELPATH_SCHEMA, "minItems": 1}  # type: ignore[attr-defined]

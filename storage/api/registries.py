@@ -23,6 +23,7 @@ from twisted.web.iweb import IRequest
 from storage.api import params as p
 from storage.api.artifacts import query_value
 from storage.api.manager import ManagerAPI, api_route
+from storage.api.openapi import returns
 from storage.api.params import Field
 from storage.api.problems import json_body
 from storage.artifacts.huggingface import DEFAULT_REVISION, SORT_KEYS
@@ -31,9 +32,13 @@ from storage.paths import validate_relpath
 
 HF = "/v1/registries/huggingface"
 RESERVOIR = "/v1/registries/reservoir"
+HF_ERRORS = (400, 404, 502)
+TASK_ID = {"type": "object", "required": ["task_id"], "properties": {"task_id": {"type": "string", "format": "uuid"}}}
+MODELS = {"type": "object", "required": ["models"], "properties": {"models": {"type": "array"}}}
 log = Logger()
 
 
+@p.with_schema({"enum": list(SORT_KEYS)})
 def _sort_key(value: Any) -> str:
     text = p.string(value)
     if text not in SORT_KEYS:
@@ -41,6 +46,7 @@ def _sort_key(value: Any) -> str:
     return text
 
 
+@p.with_schema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": "^[ \t\n\r]*\\+?0*[1-9][0-9]{0,39}[ \t\n\r]*$"}]})
 def _limit(value: Any) -> int:
     number = p.integer(value)
     if number < 1:
@@ -57,6 +63,10 @@ def model_target(value: Any) -> dict[str, str]:
     return {"model_id": value["model_id"], "revision": revision or DEFAULT_REVISION}
 
 
+@p.with_schema({"type": "array", "items": {
+    "type": "object", "required": ["model_id"],
+    "properties": {"model_id": {"type": "string", "minLength": 1},
+                   "revision": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}}}})
 def model_targets(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise p.ParamError("expected a list of {model_id, revision}")
@@ -70,17 +80,21 @@ def _query(request: IRequest, name: str, required: bool = True) -> str | None:
     return value or None
 
 
-@api_route(HF + "/scan", "POST", name=HF + "/scan")
+@api_route(HF + "/scan", "POST", name=HF + "/scan", body=(
+    Field("registry_name", p.string), Field("limit", _limit), Field("order", _sort_key),
+    Field("search", p.nullable(p.string), None),
+), allow_extra=True, responses={200: returns(MODELS)}, errors=HF_ERRORS, summary="list models of a HuggingFace registry")
 async def hf_scan_models(self: ManagerAPI, request: IRequest) -> bytes:
-    args = self._params(request, Field("registry_name", p.string), Field("limit", _limit),
-                        Field("order", _sort_key), Field("search", p.nullable(p.string), None), allow_extra=True)
+    args = self._params(request)
     client = self.hf_registries.get(args["registry_name"])
     models = await self.hub_pool.run(client.scan, args["limit"], args["order"], args["search"])
     fetch_metadata(self, client, models)
     return json_body(request, {"models": models})
 
 
-@api_route(HF + "/model/<path:model_id>/commit-hash", "GET", name=HF + "/model/<model_id>/commit-hash")
+@api_route(HF + "/model/<path:model_id>/commit-hash", "GET", name=HF + "/model/<model_id>/commit-hash",
+           query=("registry_name", "revision"), required_query=("registry_name",), errors=HF_ERRORS,
+           responses={200: returns({"type": "object", "required": ["commit_hash"]})}, summary="a model's commit hash")
 async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
     model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
@@ -89,7 +103,9 @@ async def hf_get_commit_hash(self: ManagerAPI, request: IRequest, model_id: str)
     return json_body(request, {"commit_hash": commit})
 
 
-@api_route(HF + "/model/<path:model_id>", "GET", name=HF + "/model/<model_id>")
+@api_route(HF + "/model/<path:model_id>", "GET", name=HF + "/model/<model_id>",
+           query=("registry_name", "revision"), required_query=("registry_name", "revision"), errors=HF_ERRORS,
+           responses={200: returns({"type": "object", "required": ["model"]})}, summary="one model")
 async def hf_retrieve_model(self: ManagerAPI, request: IRequest, model_id: str) -> bytes:
     model_id = unquote(model_id)
     client = self.hf_registries.get(_query(request, "registry_name") or "")
@@ -98,9 +114,11 @@ async def hf_retrieve_model(self: ManagerAPI, request: IRequest, model_id: str) 
     return json_body(request, {"model": model})
 
 
-@api_route(HF + "/models/batch", "POST", name=HF + "/models/batch")
+@api_route(HF + "/models/batch", "POST", name=HF + "/models/batch",
+           body=(Field("registry_name", p.string), Field("models", model_targets)), allow_extra=True,
+           responses={200: returns(MODELS)}, errors=HF_ERRORS, summary="several models")
 async def hf_retrieve_models(self: ManagerAPI, request: IRequest) -> bytes:
-    args = self._params(request, Field("registry_name", p.string), Field("models", model_targets), allow_extra=True)
+    args = self._params(request)
     client = self.hf_registries.get(args["registry_name"])
 
     def retrieve() -> list[dict[str, Any]]:
@@ -200,6 +218,7 @@ def _vfolder_root(self: ManagerAPI, target: dict[str, str]) -> Any:
     return resolve
 
 
+@p.with_schema({"anyOf": [{"type": "string"}, {"type": "null"}], "description": "a path prefix in the storage"})
 def _prefix(value: Any) -> str | None:
     if value is None or value == "/":
         return value
@@ -218,18 +237,7 @@ class StorageStepNotProvided(StorageError):
     error_code = "storage_setup_invalid-parameters"
 
 
-@api_route(HF + "/import", "POST", name=HF + "/import")
-async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
-    return await _start_import(self, request, "huggingface")
-
-
-@api_route(RESERVOIR + "/import", "POST", name=RESERVOIR + "/import")
-async def reservoir_import_models(self: ManagerAPI, request: IRequest) -> bytes:
-    """Upstream's reservoir import: the files of each model's directory in another Backend.AI's
-    VFS storage (``storage.artifacts.reservoir``), through the same importer as HuggingFace's."""
-    return await _start_import(self, request, "reservoir")
-
-
+@p.with_schema(p.schema_of(model_targets))
 def _targets_as_given(value: Any) -> list[dict[str, Any]]:
     """Model targets with no default revision (None stays None)."""
     targets = model_targets(value)
@@ -239,21 +247,41 @@ def _targets_as_given(value: Any) -> list[dict[str, Any]]:
     return targets
 
 
+@p.with_schema({"type": "array", "items": {"type": "string"}})
 def _revision_ids(value: Any) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise p.ParamError("expected a list of artifact revision ids")
     return list(value)
 
 
+def _import_fields(targets: Any) -> tuple[Field, ...]:
+    return (Field("registry_name", p.string), Field("models", targets),
+            Field("storage_step_mappings", p.nullable(p.mapping), None),
+            Field("storage_step_target_mappings", p.nullable(p.mapping), None),
+            Field("storage_prefix", _prefix, None))
+
+
+RESERVOIR_IMPORT = (*_import_fields(_targets_as_given), Field("artifact_revision_ids", p.nullable(_revision_ids), None))
+
+
+@api_route(HF + "/import", "POST", name=HF + "/import", body=_import_fields(model_targets), allow_extra=True,
+           responses={202: returns(TASK_ID, "the import runs")}, errors=HF_ERRORS,
+           summary="import models into an artifact storage or a vfolder (a background task)")
+async def hf_import_models(self: ManagerAPI, request: IRequest) -> bytes:
+    return await _start_import(self, request, "huggingface")
+
+
+@api_route(RESERVOIR + "/import", "POST", name=RESERVOIR + "/import", body=RESERVOIR_IMPORT, allow_extra=True,
+           responses={202: returns(TASK_ID, "the import runs")}, errors=HF_ERRORS,
+           summary="import models from another Backend.AI's VFS storage (a background task)")
+async def reservoir_import_models(self: ManagerAPI, request: IRequest) -> bytes:
+    """Upstream's reservoir import: the files of each model's directory in another Backend.AI's
+    VFS storage (``storage.artifacts.reservoir``), through the same importer as HuggingFace's."""
+    return await _start_import(self, request, "reservoir")
+
+
 async def _start_import(self: ManagerAPI, request: IRequest, kind: str) -> bytes:
-    targets = model_targets if kind == "huggingface" else _targets_as_given
-    fields = [Field("registry_name", p.string), Field("models", targets),
-              Field("storage_step_mappings", p.nullable(p.mapping), None),
-              Field("storage_step_target_mappings", p.nullable(p.mapping), None),
-              Field("storage_prefix", _prefix, None)]
-    if kind == "reservoir":
-        fields.append(Field("artifact_revision_ids", p.nullable(_revision_ids), None))
-    args = self._params(request, *fields, allow_extra=True)
+    args = self._params(request)  # HF_IMPORT or RESERVOIR_IMPORT, as the route declares
     registries = self.hf_registries if kind == "huggingface" else self.reservoir_registries
     registries.get(args["registry_name"])  # an unknown registry: 404 now, not a failed task
     models = args["models"]
