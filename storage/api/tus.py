@@ -148,9 +148,15 @@ class MethodNotAllowed(TusError):
 
 
 def query(request: Any) -> dict[bytes, list[bytes]]:
-    """The query arguments; works before twisted.web parses them (in ``gotLength``)."""
+    """The query arguments as bytes; works before twisted.web parses them (in ``gotLength``).
+
+    Through latin-1, which maps every byte to itself: ``parse_qs`` on bytes
+    re-encodes what it unquoted as ASCII and raised on any %XX above %7F (a
+    500, or a dropped connection when the body handler asked first).
+    """
     _, _, qs = request.uri.partition(b"?")
-    return parse_qs(qs, keep_blank_values=True)
+    parsed = parse_qs(qs.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    return {key.encode("latin-1"): [v.encode("latin-1") for v in values] for key, values in parsed.items()}
 
 
 def query_arg(request: Any, name: bytes) -> str | None:
