@@ -356,6 +356,9 @@ class TusUploads:
 
     async def _dispatch(self, request: Any, rest: str) -> bytes:
         method = effective_method(request)
+        if method not in (b"OPTIONS", b"PATCH", b"HEAD", b"DELETE", b"POST"):
+            # Before the token and Tus-Resumable: a GET is 405, whatever its query.
+            raise MethodNotAllowed(f"{method.decode('latin-1')} is not a tus method")
         if method == b"OPTIONS":
             return self.options(request)
         if method == b"PATCH":
@@ -366,9 +369,7 @@ class TusUploads:
             return await self.head(request, ref)
         if method == b"DELETE":
             return await self.terminate(request, ref)
-        if method == b"POST":
-            return await self.create(request, ref)
-        raise MethodNotAllowed(f"{method.decode('latin-1')} is not a tus method")
+        return await self.create(request, ref)  # POST
 
     def options(self, request: Any) -> bytes:
         request.setHeader(b"Tus-Version", TUS_VERSION.encode())
