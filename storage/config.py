@@ -68,6 +68,12 @@ class APIConfig:
     # cookies, answers a client's later body segments with RSTs.  The kernel
     # caps it at net.core.somaxconn.
     listen_backlog: int = DEFAULT_LISTEN_BACKLOG
+    # Connection limits and timeouts (storage.web.connections); None: a share
+    # of the open-file limit (storage.web.connections.default_max_connections).
+    max_connections: int | None = None
+    max_connections_per_address: int = 0  # 0: no limit per client address
+    request_header_timeout: float = 30.0
+    idle_timeout: float = 60.0  # twisted.web's default: between requests, or no byte for this long
 
     def endpoint_description(self) -> str:
         """A twisted strports description for this listener."""
@@ -253,8 +259,24 @@ def _api(root: dict[str, Any], name: str, default_port: int, with_secret: bool) 
                 raise ConfigError(f"{prefix} {k}", f"no such file: {v}")
     secret = _str(api, "secret", f"{prefix} secret") if with_secret else None
     backlog = _int(api, "listen-backlog", f"{prefix} listen-backlog", DEFAULT_LISTEN_BACKLOG, minimum=1)
+    max_connections = (
+        _int(api, "max-connections", f"{prefix} max-connections", 0, minimum=1)
+        if "max-connections" in api else None
+    )
+    timeouts = {}
+    for name, default in (("request-header-timeout", 30.0), ("idle-timeout", 60.0)):
+        value = parse_duration(api.get(name, default), f"{prefix} {name}")
+        if value <= 0:
+            raise ConfigError(f"{prefix} {name}", f"must be more than 0, got {api.get(name)!r}")
+        timeouts[name] = value
     return APIConfig(
         listen_backlog=backlog,
+        max_connections=max_connections,
+        max_connections_per_address=_int(
+            api, "max-connections-per-address", f"{prefix} max-connections-per-address", 0,
+        ),
+        request_header_timeout=timeouts["request-header-timeout"],
+        idle_timeout=timeouts["idle-timeout"],
         service_addr=addr,
         ssl_enabled=ssl_enabled,
         ssl_cert=Path(cert) if cert else None,

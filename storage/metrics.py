@@ -107,6 +107,36 @@ class _WorkersCollector(Collector):
         yield from merged.values()
 
 
+class _ConnectionCollector(Collector):
+    """Each listener's connections (storage.web.connections.ConnectionGuard), read at scrape time."""
+
+    def __init__(self, guards: dict[str, Any]) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterable[Any]:
+        open_now = GaugeMetricFamily(f"{PREFIX}_connections_open", "Connections open, by API", labels=["api"])
+        limit = GaugeMetricFamily(f"{PREFIX}_connections_limit", "The most connections an API keeps open",
+                                  labels=["api"])
+        addresses = GaugeMetricFamily(f"{PREFIX}_connections_client_addresses",
+                                      "Client addresses with a connection open, by API", labels=["api"])
+        refused = CounterMetricFamily(f"{PREFIX}_connections_refused",
+                                      "Connections refused with 503, by API and the limit they hit",
+                                      labels=["api", "reason"])
+        timed_out = CounterMetricFamily(f"{PREFIX}_connections_timed_out",
+                                        "Connections closed because a request's headers came too slowly, by API",
+                                        labels=["api", "phase"])
+        for api, guard in sorted(self.guards.items()):
+            if guard is None:
+                continue
+            open_now.add_metric([api], guard.open)
+            limit.add_metric([api], guard.limits.max_total)
+            addresses.add_metric([api], len(guard.by_address))
+            for reason in ("total", "per-address"):
+                refused.add_metric([api, reason], guard.refused[reason])
+            timed_out.add_metric([api, "headers"], guard.timed_out["headers"])
+        yield from (open_now, limit, addresses, refused, timed_out)
+
+
 class ManagerMetrics:
     def __init__(self, bgtasks: Any = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -146,6 +176,9 @@ class ManagerMetrics:
 
     def add_event_bus(self, delivery: Any) -> None:
         self.registry.register(_EventBusCollector(delivery))
+
+    def add_connections(self, guards: dict[str, Any]) -> None:
+        self.registry.register(_ConnectionCollector(guards))
 
     def track(self, request: Any, route: str) -> None:
         """Record ``request`` once its response is finished (or the client left)."""

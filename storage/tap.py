@@ -31,6 +31,7 @@ from storage.config import Config, ConfigError, default_config, find_config_file
 from storage.logsetup import apply_log_level
 from storage.sched import prioritize_current_thread
 from storage.volumes import VolumeRegistry
+from storage.web.connections import ConnectionGuard, limits_for, raise_open_file_limit
 from storage.web.site import StorageSite
 
 log = Logger()
@@ -186,6 +187,13 @@ class StorageProxy(SequentialMultiService):
                 extra.setServiceParent(self)
         self.manager_site = self.manager_api.site()
         self.client_site = self.client_api.site()
+        open_files = raise_open_file_limit()
+        for label, site, api_config in (
+            ("manager", self.manager_site, config.manager), ("client", self.client_site, config.client),
+        ):
+            site.guard_connections(ConnectionGuard(limits_for(api_config, label, open_files), reactor, label))
+        self.manager_api.metrics.add_connections({"manager": self.manager_site.guard,
+                                                  "client": self.client_site.guard})
         self.manager_listener = APIListener(
             "manager", config.manager.endpoint_description(), self.manager_site, reactor, config.shutdown_grace
         )

@@ -8,6 +8,8 @@
   being read (the manager API's JSON bodies).
 * ``body_handler`` may take a request's body before twisted.web buffers it
   (tus PATCH bodies are streamed to disk): see ``storage.web.streaming``.
+* ``guard_connections`` limits open connections and times request headers
+  (``storage.web.connections``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from storage.web.connections import ConnectionGuard, RefusedConnection
 from storage.web.streaming import BodyHandler, StreamingRequest
 
 # Bodies of streamed uploads are read from the socket in chunks this large
@@ -31,6 +34,7 @@ class StorageSite(Site):
     requestFactory = StreamingRequest
     displayTracebacks = False
     cors: Any = None  # a storage.web.cors.CORSPolicy applied to every answer, or None
+    guard: ConnectionGuard | None = None
 
     def __init__(
         self,
@@ -47,6 +51,22 @@ class StorageSite(Site):
         # Called with each request once its answer is finished or its client left (worker metrics).
         self.finished_hooks: list[Any] = []
         self._drained: list[Deferred[None]] = []
+
+    def guard_connections(self, guard: ConnectionGuard) -> None:
+        """Apply ``guard``'s limits and timeouts to every connection from now on."""
+        self.guard = guard
+        self.timeOut = guard.limits.idle_timeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        guard = self.guard
+        if guard is None:
+            return super().buildProtocol(addr)
+        refusal = guard.refusal(addr)
+        if refusal is not None:
+            return RefusedConnection(refusal)
+        protocol = super().buildProtocol(addr)
+        guard.watch(protocol, addr)
+        return protocol
 
     def request_started(self, request: Any) -> None:
         if request in self.in_flight:

@@ -257,7 +257,18 @@ class StreamingRequest(Request):
     declared_length: int | None = None
     received_bytes = 0
 
+    def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        # The request's headers are due within the listener's header timeout
+        # from its first line (storage.web.connections).
+        timer = getattr(channel, "storage_header_timer", None)
+        if timer is not None:
+            timer.start()
+
     def gotLength(self, length: int | None) -> None:
+        timer = getattr(self.channel, "storage_header_timer", None)
+        if timer is not None:
+            timer.cancel()
         self.method, self.uri = request_line(self.channel)
         self.path = self.uri.split(b"?", 1)[0]
         self.received_bytes = 0
