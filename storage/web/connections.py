@@ -141,7 +141,7 @@ class ConnectionGuard:
     def watch(self, protocol: Any, addr: Any) -> None:
         """Count ``protocol``'s connection until it is lost, and time its headers."""
         channel = getattr(protocol, "_channel", protocol)  # twisted.web's H1/H2 proxy
-        timer = HeaderTimer(self, channel)
+        timer = HeaderTimer(self, channel, protocol)
         channel.storage_header_timer = timer
         made, lost = protocol.connectionMade, protocol.connectionLost
 
@@ -161,9 +161,10 @@ class ConnectionGuard:
 class HeaderTimer:
     """The deadline for the headers of a connection's next request."""
 
-    def __init__(self, guard: ConnectionGuard, channel: Any) -> None:
+    def __init__(self, guard: ConnectionGuard, channel: Any, protocol: Any) -> None:
         self.guard = guard
         self.channel = channel
+        self.protocol = protocol
         self.call: Any = None
 
     def start(self) -> None:
@@ -177,10 +178,12 @@ class HeaderTimer:
 
     def _expired(self) -> None:
         self.call = None
-        self.guard.timed_out["headers"] += 1
+        if getattr(self.protocol, "_channel", self.channel) is not self.channel:
+            return  # the connection switched to HTTP/2, whose streams this does not time
         transport = getattr(self.channel, "transport", None)
         if transport is None:
             return
+        self.guard.timed_out["headers"] += 1
         timeout = self.guard.limits.header_timeout
         error = RequestHeaderTimeout(f"the request's headers did not arrive within {timeout:g} s")
         transport.write(problem_response(error))
