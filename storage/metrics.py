@@ -107,7 +107,7 @@ class _WorkersCollector(Collector):
         yield from merged.values()
 
 
-class _ConnectionCollector(Collector):
+class ConnectionCollector(Collector):
     """Each listener's connections (storage.web.connections.ConnectionGuard), read at scrape time."""
 
     def __init__(self, guards: dict[str, Any]) -> None:
@@ -178,7 +178,7 @@ class ManagerMetrics:
         self.registry.register(_EventBusCollector(delivery))
 
     def add_connections(self, guards: dict[str, Any]) -> None:
-        self.registry.register(_ConnectionCollector(guards))
+        self.registry.register(ConnectionCollector(guards))
 
     def track(self, request: Any, route: str) -> None:
         """Record ``request`` once its response is finished (or the client left)."""

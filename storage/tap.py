@@ -192,8 +192,12 @@ class StorageProxy(SequentialMultiService):
             ("manager", self.manager_site, config.manager), ("client", self.client_site, config.client),
         ):
             site.guard_connections(ConnectionGuard(limits_for(api_config, label, open_files), reactor, label))
-        self.manager_api.metrics.add_connections({"manager": self.manager_site.guard,
-                                                  "client": self.client_site.guard})
+        # With num-proc > 1 the workers serve the client API and count its
+        # connections themselves (storage.worker): their /metrics carry worker=N.
+        self.manager_api.metrics.add_connections(
+            {"manager": self.manager_site.guard} if config.num_proc > 1
+            else {"manager": self.manager_site.guard, "client": self.client_site.guard}
+        )
         self.manager_listener = APIListener(
             "manager", config.manager.endpoint_description(), self.manager_site, reactor, config.shutdown_grace
         )

@@ -31,6 +31,8 @@ from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginn
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
+from storage.metrics import ConnectionCollector
+from storage.web.connections import ConnectionGuard, limits_for, raise_open_file_limit
 from storage.workers import CONTROL_FD, LISTEN_FD, WorkerMetrics, WorkerReady
 
 log = Logger()
@@ -94,7 +96,11 @@ class ClientWorker(MultiService):
             if extra is not self.api.tus.janitor:  # the daemon's janitor expires uploads, once
                 extra.setServiceParent(self)
         self.site = self.api.site()
+        # Each worker is a process with its own open-file limit: its own connection limits.
+        guard = ConnectionGuard(limits_for(config.client, "client", raise_open_file_limit()), reactor, "client")
+        self.site.guard_connections(guard)
         self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(ConnectionCollector({"client": guard}))
         self.requests = Counter("storage_proxy_client_requests", "Client API requests answered by this worker",
                                 ["method", "status"], registry=self.registry)
         self.in_flight = Gauge("storage_proxy_client_in_flight", "Client API requests and bodies in flight",

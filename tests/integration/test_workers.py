@@ -405,3 +405,24 @@ def test_workers_run_as_the_configured_user(tmp_path: Path) -> None:
             proc.wait(30)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_each_worker_counts_and_limits_its_own_connections(workers_daemon: Any) -> None:
+    daemon = workers_daemon
+
+    def open_by_worker() -> dict[str, float]:
+        return {dict(labels)["worker"]: v for (name, labels), v in metrics(daemon).items()
+                if name == "storage_proxy_connections_open" and dict(labels).get("api") == "client"}
+
+    held = [socket.create_connection(("127.0.0.1", daemon.client_port), timeout=30) for _ in range(6)]
+    try:
+        # Both workers report (labelled worker=N); together they hold every connection.
+        wait_for(lambda: set(open_by_worker()) == {"0", "1"} and sum(open_by_worker().values()) == 6,
+                 what="the workers to count the 6 open connections")
+        limits = {dict(labels)["worker"]: v for (name, labels), v in metrics(daemon).items()
+                  if name == "storage_proxy_connections_limit" and dict(labels).get("api") == "client"}
+        assert set(limits) == {"0", "1"} and all(v >= 64 for v in limits.values())
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: sum(open_by_worker().values()) == 0, what="the connections to close")
