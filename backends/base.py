@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from storage.bgtasks import Progress
     from storage.blocking import BlockingPool
     from storage.config import VolumeConfig
+    from storage.quota import ScopeFigure
     from storage.vfid import QuotaScopeID, VFolderID
 
 
@@ -158,6 +159,12 @@ class AbstractVolume(Service):
     async def unset_quota(self, qsid: QuotaScopeID) -> None:
         """Removes the limit; raises ``QuotaScopeNotFound`` if the scope is missing."""
         raise NotImplementedError
+
+    def read_scope_quota(self, qsid: QuotaScopeID) -> ScopeFigure | None:
+        """The scope's limit and usage for the daemon's own enforcement
+        (``storage.quota``; blocking: call it in the pool), or None when the
+        scope has no limit (or the backend none it can read quickly)."""
+        return None
 
     # -- vfolders ---------------------------------------------------------
 

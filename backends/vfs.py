@@ -24,6 +24,7 @@ import errno
 import os
 import secrets
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -32,12 +33,14 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from storage import quota
 from storage.bgtasks import Progress, TaskCancelled
 from storage.config import ConfigError, parse_duration
 from storage.errors import (
     FileOperationFailed,
     InsufficientStorage,
     InvalidPath,
+    InvalidQuotaConfig,
     InvalidSubpath,
     QuotaScopeExists,
     QuotaScopeNotFound,
@@ -55,6 +58,7 @@ from storage.paths import (
     validate_name,
     validate_relpath,
 )
+from storage.quota import ScopeFigure
 from storage.usage import TreeUsage, UsageCache
 
 from . import crossmove, treeops
@@ -81,6 +85,15 @@ MAX_METADATA_BYTES = 10 * (1 << 20)  # upstream refuses to read more
 PRIVATE_DIR = ".storage-proxy"
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _emulated_limit(options: QuotaConfig | None) -> int | None:
+    if options is None:
+        return None
+    limit = options.limit_bytes
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise InvalidQuotaConfig("Invalid quota config option", data={"limit_bytes": "out of range"})
+    return limit or None
 
 
 def _storage_error(exc: OSError, paths: list[str]) -> StorageError:
@@ -133,6 +146,16 @@ class VfsVolume(AbstractVolume):
         concurrency = options.get("usage-concurrency", 4)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"{prefix}.usage-concurrency", f"expected a positive integer, got {concurrency!r}")
+        # ``quota = "emulated"`` (vfs only): quota-scope limits kept by the
+        # daemon and enforced by it alone (storage.quota), usage by a walk of
+        # the scope; ``quota-lag`` makes that usage lag like CephFS's rstats.
+        # For development and tests: a plain directory has no quota of its own.
+        mode = options.get("quota")
+        if mode not in (None, "none", "emulated") or (mode == "emulated" and self.backend_name != "vfs"):
+            raise ConfigError(f"{prefix}.quota", f"expected 'emulated' (vfs volumes only), got {mode!r}")
+        self.emulated_quota = mode == "emulated"
+        self.emulated_quota_lag = duration("quota-lag", "0s")
+        self._emulated_usage: dict[str, tuple[float, int]] = {}
         reactor: Any = context.reactor if context.reactor is not None else self.pool.reactor
         self.usage_cache = UsageCache(
             self.pool.run,
@@ -249,6 +272,8 @@ class VfsVolume(AbstractVolume):
         self, qsid: QuotaScopeID, options: QuotaConfig | None = None, extra_args: dict[str, Any] | None = None
     ) -> None:
         await self.pool.run(self._create_quota_scope_dir, qsid)
+        if self.emulated_quota and options is not None:
+            await self.pool.run(quota.write_emulated_limit, self, qsid, _emulated_limit(options))
 
     def _create_quota_scope_dir(self, qsid: QuotaScopeID) -> None:
         try:
@@ -263,6 +288,10 @@ class VfsVolume(AbstractVolume):
         # Upstream's vfs reports -1/-1, which its API turns into null/null.
         if not await self._quota_scope_exists(qsid):
             raise QuotaScopeNotFound(f"no such quota scope: {qsid}", qsid=str(qsid))
+        if self.emulated_quota:
+            fig = await self.pool.run(self.read_scope_quota, qsid)
+            if fig is not None:
+                return QuotaUsage(used_bytes=fig.used, limit_bytes=fig.limit)
         return QuotaUsage(used_bytes=None, limit_bytes=None)
 
     async def update_quota_scope(self, qsid: QuotaScopeID, options: QuotaConfig) -> None:
@@ -270,12 +299,35 @@ class VfsVolume(AbstractVolume):
         if not await self._quota_scope_exists(qsid):
             try:
                 await self.create_quota_scope(qsid, options)
+                return
             except QuotaScopeExists:
                 pass
+        if self.emulated_quota:
+            await self.pool.run(quota.write_emulated_limit, self, qsid, _emulated_limit(options))
 
     async def unset_quota(self, qsid: QuotaScopeID) -> None:
         if not await self._quota_scope_exists(qsid):
             raise QuotaScopeNotFound(f"no such quota scope: {qsid}", qsid=str(qsid))
+        if self.emulated_quota:
+            await self.pool.run(quota.write_emulated_limit, self, qsid, None)
+
+    def read_scope_quota(self, qsid: QuotaScopeID) -> ScopeFigure | None:
+        """The emulated quota (``quota = "emulated"``): the limit the daemon
+        keeps, usage by a walk (cached for ``quota-lag``, to lag as CephFS does)."""
+        if not self.emulated_quota:
+            return None
+        limit = quota.read_emulated_limit(self, qsid)
+        if limit is None:
+            return None
+        lag = self.emulated_quota_lag
+        now = time.monotonic()
+        cached = self._emulated_usage.get(qsid.pathname)
+        if lag > 0 and cached is not None and now - cached[0] < lag:
+            used = cached[1]
+        else:
+            used = quota.apparent_bytes(self.quota_scope_path(qsid))
+            self._emulated_usage[qsid.pathname] = (now, used)
+        return ScopeFigure(limit=limit, used=used, live=lag <= 0, lag=lag)
 
     # -- vfolders --------------------------------------------------------------
 
@@ -390,6 +442,10 @@ class VfsVolume(AbstractVolume):
             fs = await dst_volume.get_fs_usage()
             if count.bytes > fs.capacity_bytes - fs.used_bytes:
                 raise InsufficientStorage("Not enough space available for clone.", paths=["."])
+        dst_qsid = dst_vfid.quota_scope_id
+        if dst_qsid is not None:
+            # The daemon's own check of the destination scope (storage.quota).
+            await self.pool.run(quota.check_fits, dst_volume, dst_qsid, count.bytes, "the clone")
         await dst_volume.create_vfolder(dst_vfid, src_mode, auto_create_quota_scope=True)
         try:
             await self._run_to_end(progress, self._copy_vfolder, src_vfid, dst_volume, dst_vfid, progress)
@@ -401,6 +457,9 @@ class VfsVolume(AbstractVolume):
             except Exception:
                 log.failure("clone {src} -> {dst}: cannot remove the partial copy", src=src_vfid, dst=dst_vfid)
             raise
+        else:
+            if dst_qsid is not None:
+                await self.pool.run(quota.record_written, dst_volume, dst_qsid, count.bytes)
         finally:
             dst_volume.invalidate_usage(dst_vfid)
 
@@ -708,6 +767,10 @@ class VfsVolume(AbstractVolume):
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                     raise OSError(errno.EINVAL, "Not a regular file")
                 target_rel = self._destination(root_fd, real_root, dst, "dst_relpath", src_rel.name)
+                qsid = vfid.quota_scope_id
+                size = st.st_size if stat.S_ISREG(st.st_mode) else 0
+                if qsid is not None:
+                    quota.check_fits(self, qsid, size, "the copy")
                 if target_rel.parent != PurePosixPath("."):
                     self._mkdir(vfid, str(target_rel.parent), True, True)
                 tdir, tname = open_parent(root_fd, target_rel)
@@ -723,6 +786,8 @@ class VfsVolume(AbstractVolume):
                         with contextlib.suppress(OSError):
                             os.unlink(tmp, dir_fd=tdir)
                         raise
+                if qsid is not None:
+                    quota.record_written(self, qsid, size)
 
     async def delete_files(
         self, vfid: VFolderID, relpaths: list[str], *, recursive: bool = False,

@@ -28,6 +28,7 @@ does so itself).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -47,7 +48,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from backends import crossmove
-from storage import fastio
+from storage import fastio, quota
 from storage.errors import (
     InsufficientStorage,
     InvalidAPIParameters,
@@ -326,6 +327,10 @@ async def prepare_upload(
         raise InvalidAPIParameters.field("size", "must be a non-negative integer")
     if max_size is not None and size > max_size:
         raise InvalidAPIParameters.field("size", f"larger than the maximum upload size ({max_size} bytes)")
+    qsid = getattr(vfid, "quota_scope_id", None)
+    if qsid is not None and size > 0:
+        # Refused before anything is created when the scope has no room for it.
+        await volume.pool.run(quota.check_fits, volume, qsid, size, "the upload")
     session = new_session_id()
     vfolder = Path(volume.vfolder_path(vfid))
     # The token's vfolder claims, so a token naming this session elsewhere is refused.
@@ -487,6 +492,31 @@ class UploadWriter:
         # daemon crash loses at most that much of it.  Off for a checksummed
         # PATCH: its bytes only count once the whole body is verified.
         self.checkpoints = True
+        # The daemon's own quota enforcement (storage.quota): the writer may
+        # write up to ``quota_until``; past it, it asks ``quota`` for more.
+        self.quota: Any = None
+        self.quota_until: int | None = None
+        self.quota_end = 0
+
+    def attach_quota(self, quota: Any, want: int) -> int:
+        """Take a grant of up to ``want`` bytes from the current offset (blocking);
+        returns how many were granted."""
+        self.quota = quota
+        self.quota_end = self.offset + want  # where this request's bytes would end
+        self.quota_until = quota.acquire(self.offset, want)
+        return self.quota_until - self.offset
+
+    def _quota_room(self, want: int) -> int:
+        """How many of ``want`` more bytes this writer may write now; asks for
+        more only once its grant is used up (not per write)."""
+        if self.quota is None or self.quota_until is None:
+            return want
+        if self.offset >= self.quota_until and want > 0:
+            self.quota_until = self.quota.extend(self.offset, max(want, self.quota_end - self.offset))
+        return max(0, min(want, self.quota_until - self.offset))
+
+    def quota_refusal(self) -> StorageError:
+        return self.quota.refusal(self.state.length - self.offset)
 
     def after_write(self) -> None:
         self.start_writeback()
@@ -508,6 +538,16 @@ class UploadWriter:
         total = sum(len(b) for b in buffers)
         if self.offset + total > self.state.length:
             raise AssertionError("a write past Upload-Length must be refused before this")
+        if self.quota is not None:
+            allowed = self._quota_room(total)
+            if allowed < total:
+                if not allowed:
+                    raise self.quota_refusal()
+                # What fits in the grant, then (asking for more) the rest:
+                # the bytes before the limit are kept.
+                head, tail = _split_bytes(buffers, allowed)
+                n = self.write(head)
+                return n + self.write(tail)
         try:
             n = fastio.pwrite_all(self.fd, buffers, self.offset)
         except OSError as exc:
@@ -537,16 +577,38 @@ class UploadWriter:
             raise AssertionError("the body length is checked against Upload-Length before this")
         _lower_this_threads_priority()
         start = self.offset
-        if hasher is None and hasattr(os, "splice"):
-            result = self._receive_spliced(sock, count, stop, idle_timeout)
+        if self.quota is None:
+            result = self._receive_window(sock, count, hasher, stop, idle_timeout)
         else:
-            waiter = _SocketWaiter(sock, count, stop, idle_timeout)
-            try:
-                result = self._receive_copied(sock, count, hasher, waiter)
-            finally:
-                waiter.close()
+            # At most what the quota grant allows at a time; at its end, ask
+            # for more, and stop with 507 when the scope has no more.
+            result = Received()
+            while result.consumed < count:
+                try:
+                    window = self._quota_room(count - result.consumed)
+                except BaseException as exc:
+                    result.error = exc
+                    break
+                if window <= 0:
+                    result.error = self.quota_refusal()
+                    break
+                part = self._receive_window(sock, window, hasher, stop, idle_timeout)
+                result.consumed += part.consumed
+                result.eof, result.stopped, result.error = part.eof, part.stopped, part.error
+                if part.consumed < window or part.eof or part.stopped or part.error is not None:
+                    break
         result.written = self.offset - start
         return result
+
+    def _receive_window(self, sock: Any, count: int, hasher: Any, stop: StopSignal | None,
+                        idle_timeout: float) -> Received:
+        if hasher is None and hasattr(os, "splice"):
+            return self._receive_spliced(sock, count, stop, idle_timeout)
+        waiter = _SocketWaiter(sock, count, stop, idle_timeout)
+        try:
+            return self._receive_copied(sock, count, hasher, waiter)
+        finally:
+            waiter.close()
 
     def _receive_copied(self, sock: Any, count: int, hasher: Any, waiter: _SocketWaiter) -> Received:
         result = Received()
@@ -717,9 +779,35 @@ class UploadWriter:
         return self.state
 
     def close(self) -> None:
+        if self.quota is not None:
+            quota, self.quota = self.quota, None
+            # Before the lock goes: the bytes move from the grant to the
+            # ledger.  A failure here only leaves a grant nobody counts (its
+            # file is not locked) or a ledger short of these bytes until the
+            # filesystem's usage catches up.
+            with contextlib.suppress(OSError):
+                quota.release(max(0, self.state.offset - quota.start))
         if self.fd >= 0:
             os.close(self.fd)  # releases the flock
             self.fd = -1
+
+
+def _split_bytes(buffers: Sequence[Any], count: int) -> tuple[list[Any], list[Any]]:
+    """``buffers`` cut after ``count`` bytes, as views (no copy)."""
+    head: list[Any] = []
+    tail: list[Any] = []
+    for b in buffers:
+        view = memoryview(b)
+        if count >= len(view):
+            head.append(view)
+            count -= len(view)
+        elif count > 0:
+            head.append(view[:count])
+            tail.append(view[count:])
+            count = 0
+        else:
+            tail.append(view)
+    return head, tail
 
 
 def open_writer(
@@ -1178,11 +1266,12 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
 
 def concatenate_parts(
     vfolder: Path, session: str, parts: list[str], dst_dir: str | None, keep: float,
-    check: Callable[[UploadState], Any] | None = None, records: Path | None = None,
+    check: Callable[[UploadState], Any] | None = None, records: Path | None = None, scope: Any = None,
 ) -> UploadState:
     """Join complete partial uploads into the token's upload with copy_file_range.
 
-    ``check`` vets the token's upload first, as in ``open_writer``."""
+    ``check`` vets the token's upload first, as in ``open_writer``; ``scope``
+    (a ``storage.quota.ScopeWriter``) must grant the joined bytes first."""
     if len(set(parts)) != len(parts):
         raise InvalidAPIParameters.field("Upload-Concat", "a partial upload is named twice")
     writer = open_writer(vfolder, session, 0, check)
@@ -1205,6 +1294,9 @@ def concatenate_parts(
             raise InvalidAPIParameters.field(
                 "Upload-Concat", f"the parts hold {total} bytes; the upload is {writer.state.length}"
             )
+        # The parts stay until the joined copy is made: it needs room of its own.
+        if scope is not None and total > 0 and writer.attach_quota(scope, total) < total:
+            raise writer.quota_refusal()
         for pw in part_writers:
             src = os.open(staging_path(vfolder, pw.state.session), os.O_RDONLY | os.O_NOFOLLOW)
             try:

@@ -42,6 +42,7 @@ from storage.errors import (
 )
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
+from storage.quota import ScopeWriter
 from storage.tokens import UploadToken, verify_upload_token
 from storage.uploads import (
     FINAL,
@@ -65,6 +66,7 @@ from storage.uploads import (
     open_writer,
     read_state,
     remove_upload,
+    staging_path,
     upload_status,
 )
 from storage.web.site import UPLOAD_READ_SIZE, StorageSite
@@ -522,10 +524,19 @@ class TusUploads:
             extra={"metadata": metadata, "vfid": str(ref.token.vfid), "volume": ref.token.volume},
         )
 
+    def scope_writer(self, ref: UploadRef, session: str | None = None) -> ScopeWriter | None:
+        """The quota grant for writing into ``ref``'s upload (None: no quota scope)."""
+        qsid = ref.token.vfid.quota_scope_id
+        if qsid is None:
+            return None
+        volume = self.volumes.get(ref.token.volume)
+        session = session or ref.session
+        return ScopeWriter(volume, qsid, session, staging_path(ref.vfolder, session))
+
     async def concatenate(self, request: Any, ref: UploadRef, parts: list[str]) -> bytes:
         state = await self.pool.run(
             concatenate_parts, ref.vfolder, ref.token.session, parts, ref.dst_dir, ref.token.exp,
-            lambda main: check_claims(ref, main), ref.records,
+            lambda main: check_claims(ref, main), ref.records, self.scope_writer(ref, ref.token.session),
         )
         request.setHeader(b"Location", ref.location().encode())
         self.state_headers(request, ref, state)
@@ -757,6 +768,13 @@ class PatchInProgress:
                 )
             if self.length is not None and state.offset + self.length > state.length:
                 raise UploadTooLong(f"offset {state.offset} + {self.length} bytes is past Upload-Length {state.length}")
+            # The quota scope's room: this PATCH may write what is left of it
+            # (limit - usage - what other writers hold); none left: 507 before
+            # a byte is read.
+            want = self.length if self.length is not None else state.length - state.offset
+            scope = self.tus.scope_writer(ref)
+            if scope is not None and want > 0 and writer.attach_quota(scope, want) <= 0:
+                raise writer.quota_refusal()
         except BaseException:
             writer.close()
             raise

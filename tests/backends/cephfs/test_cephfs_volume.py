@@ -202,7 +202,7 @@ async def test_clone_into_a_too_small_scope_is_refused_up_front(volume):
     small = new_qsid()
     await volume.create_quota_scope(small, QuotaConfig(1 * MiB))
     dst = VFolderID(small, uuid.uuid4())
-    with pytest.raises(InsufficientStorage, match="has 1048576 of 1048576 left"):
+    with pytest.raises(InsufficientStorage, match=r"needs 8388608 bytes but quota scope \S+ has \d+ of 1048576 left"):
         await volume.clone_vfolder(src, volume, dst)
     assert not volume.vfolder_path(dst).exists()
 
