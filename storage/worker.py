@@ -33,7 +33,14 @@ from twisted.python.failure import Failure
 
 from storage.metrics import ConnectionCollector
 from storage.web.connections import ConnectionGuard, limits_for, raise_open_file_limit
-from storage.workers import CONTROL_FD, LISTEN_FD, WorkerMetrics, WorkerReady
+from storage.workers import (
+    CONTROL_FD,
+    LISTEN_FD,
+    SUPERSEDE_TIMEOUT,
+    Supersede,
+    WorkerMetrics,
+    WorkerReady,
+)
 
 log = Logger()
 
@@ -59,6 +66,10 @@ class _WorkerSide(amp.AMP):
     @WorkerMetrics.responder
     def metrics(self) -> dict[str, Any]:
         return {"families": json.dumps(self.worker.metric_families())}
+
+    @Supersede.responder
+    def supersede(self, vfolder: str, session: str) -> defer.Deferred[dict[str, Any]]:
+        return self.worker.api.tus.supersede_key(vfolder, session).addCallback(lambda _: {})
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -99,6 +110,7 @@ class ClientWorker(MultiService):
         # Each worker is a process with its own open-file limit: its own connection limits.
         guard = ConnectionGuard(limits_for(config.client, "client", raise_open_file_limit()), reactor, "client")
         self.site.guard_connections(guard)
+        self.api.tus.elsewhere = self._supersede_elsewhere
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(ConnectionCollector({"client": guard}))
         self.requests = Counter("storage_proxy_client_requests", "Client API requests answered by this worker",
@@ -115,6 +127,22 @@ class ClientWorker(MultiService):
     def _count(self, request: Any) -> None:
         method = request.method.decode("ascii", "replace") if isinstance(request.method, bytes) else str(request.method)
         self.requests.labels(method, str(getattr(request, "code", 0) or 0)).inc()
+
+    def _supersede_elsewhere(self, vfolder: str, session: str) -> defer.Deferred[None]:
+        """Through the daemon: the other workers stop their PATCH of this upload (bounded)."""
+        if self.control is None:
+            return defer.succeed(None)
+        d = self.control.callRemote(Supersede, vfolder=vfolder, session=session)
+        timer = self.reactor.callLater(SUPERSEDE_TIMEOUT + 1.0, d.cancel)
+
+        def settle(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                log.warn("supersede in the other workers failed: {why}", why=result.getErrorMessage())
+
+        d.addBoth(settle)
+        return d
 
     def metric_families(self) -> list[dict[str, Any]]:
         out = []

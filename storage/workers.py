@@ -69,6 +69,18 @@ class WorkerMetrics(amp.Command):
     response = [(b"families", amp.Unicode())]
 
 
+class Supersede(amp.Command):
+    """Either way: a PATCH of this upload streaming in a worker stops, keeping and recording its
+    bytes (``TusUploads.supersede``).  Worker -> daemon: in every other worker; daemon -> worker: here."""
+
+    arguments = [(b"vfolder", amp.Unicode()), (b"session", amp.Unicode())]
+    response = []  # type: ignore[var-annotated]
+
+
+# How long a worker's request waits for the others to supersede (tus's SUPERSEDE_WAIT + RECORD_WAIT, bounded).
+SUPERSEDE_TIMEOUT = 12.0
+
+
 class _DaemonSide(amp.AMP):
     def __init__(self, worker: Worker, pool: WorkerPool) -> None:
         super().__init__()
@@ -82,6 +94,11 @@ class _DaemonSide(amp.AMP):
         log.info("worker {index} (pid {pid}) ready", index=index, pid=pid)
         self.pool._became_ready(self.worker)
         return {}
+
+    @Supersede.responder
+    def supersede(self, vfolder: str, session: str) -> Deferred[dict[str, Any]]:
+        d = Deferred.fromCoroutine(self.pool.supersede_elsewhere(self.worker, vfolder, session))
+        return d.addCallback(lambda _: {})
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -323,6 +340,28 @@ class WorkerPool(Service):
             worker.transport.signalProcess(name)
         except Exception:  # already gone (ProcessExitedAlready)
             pass
+
+    # -- one upload, several workers ---------------------------------------------
+
+    async def supersede_elsewhere(self, asking: Worker, vfolder: str, session: str) -> None:
+        """Every ready worker but ``asking`` supersedes its PATCH of this upload; bounded."""
+
+        async def one(worker: Worker) -> None:
+            control = worker.control
+            if control is None or not worker.ready:
+                return
+            d = control.callRemote(Supersede, vfolder=vfolder, session=session)
+            timer = self.reactor.callLater(SUPERSEDE_TIMEOUT, d.cancel)
+            try:
+                await d
+            except Exception as exc:
+                log.warn("worker {index}: supersede failed ({exc})", index=worker.index, exc=exc)
+            finally:
+                if timer.active():
+                    timer.cancel()
+
+        others = [w for w in self.workers if w is not asking]
+        await DeferredList([Deferred.fromCoroutine(one(w)) for w in others], consumeErrors=True)
 
     # -- state for /metrics and /health ---------------------------------------
 

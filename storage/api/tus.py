@@ -22,6 +22,7 @@ import binascii
 import contextlib
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from storage.uploads import (
     OffsetMismatch,
     Received,
     StopSignal,
+    UploadBusy,
     UploadCompleted,
     UploadNotFound,
     UploadState,
@@ -286,6 +288,9 @@ class TusUploads:
         self.patches_in_flight = 0
         # The PATCH streaming into each upload here, by (vfolder, session).
         self.active: dict[tuple[str, str], PatchInProgress] = {}
+        # num-proc > 1 (storage.worker): ``elsewhere(vfolder, session)`` makes the other worker
+        # processes supersede their PATCH of that upload, as ``supersede`` does here; fires when done.
+        self.elsewhere: Callable[[str, str], Deferred[None]] | None = None
         keep_body_buffers_in_the_heap()
 
     def services(self) -> list[Any]:
@@ -385,7 +390,11 @@ class TusUploads:
         """A new request for an upload whose earlier PATCH still streams here
         (its client most likely gone): that PATCH stops, keeping and recording
         its bytes; fires once it has (or after SUPERSEDE_WAIT seconds)."""
-        previous = self.active.get((str(ref.vfolder), ref.session))
+        return self.supersede_key(str(ref.vfolder), ref.session)
+
+    def supersede_key(self, vfolder: str, session: str) -> Deferred[None]:
+        """``supersede`` by the upload's (vfolder directory, session id)."""
+        previous = self.active.get((vfolder, session))
         if previous is None:
             return succeed(None)
         previous.sink.stop()
@@ -399,6 +408,8 @@ class TusUploads:
 
     async def head(self, request: Any, ref: UploadRef) -> bytes:
         await self.supersede(ref)
+        if self.elsewhere is not None:  # a PATCH of it may stream in another worker process
+            await self.elsewhere(str(ref.vfolder), ref.session)
         try:
             state = await self.pool.run(upload_status, ref.vfolder, ref.session)
         except UploadNotFound:
@@ -718,7 +729,19 @@ class PatchInProgress:
         earlier = tus.supersede(ref)  # the older PATCH ends; never two writers
         tus.active[self.key] = self
         self.finished.addBoth(self._count_done)
-        earlier.addCallback(lambda _: tus.body_pool.run(self._open)).addCallback(self._opened).chainDeferred(ready)
+        Deferred.fromCoroutine(self._open_after(earlier)).addCallback(self._opened).chainDeferred(ready)
+
+    async def _open_after(self, earlier: Deferred[None]) -> PatchTarget:
+        await earlier
+        tus = self.tus
+        try:
+            return await tus.body_pool.run(self._open)
+        except UploadBusy:
+            if tus.elsewhere is None:
+                raise
+        # Held by a PATCH in another worker process: it stops (keeping its bytes), as one here would.
+        await tus.elsewhere(*self.key)
+        return await tus.body_pool.run(self._open)
 
     def when_done(self, reactor: Any, timeout: float) -> Deferred[None]:
         """Fires once this PATCH's outcome is recorded, or after ``timeout``."""

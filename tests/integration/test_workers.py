@@ -182,41 +182,79 @@ def test_both_workers_serve_the_patches_of_one_upload(workers_daemon: Any) -> No
     assert daemon.pid not in pids
 
 
-def test_a_second_patch_on_the_other_worker_is_refused_while_one_writes(workers_daemon: Any) -> None:
-    daemon = workers_daemon
-    uploads = UploadFixture(daemon)
+def refusals_by_worker(daemon: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for status in ("409", "423"):
+        for w, v in worker_counts(daemon, "PATCH", status).items():
+            out[w] = out.get(w, 0) + v
+    return out
+
+
+def heads_by_worker(daemon: Any) -> dict[str, float]:
+    return worker_counts(daemon, "HEAD", "200")
+
+
+def run_until_crossed(daemon: Any, uploads: UploadFixture, second: Any, counted: Any) -> list[str]:
+    """PATCH A holds an upload on one worker (the flock holder, from /proc/locks); ``second``
+    comes on new connections until one is answered by the *other* worker (per-worker counts
+    in /metrics).  Each attempt is a new upload, the file checked byte-exact.  Bounded: 8."""
     size = 1 << 20
-    crossed = 0
-    for attempt in range(6):  # bounded: each attempt is a new upload
+    outcomes = []
+    for attempt in range(8):
         data = os.urandom(size)
-        token = uploads.token(f"race/{attempt}.bin", size)
-        s = open_patch(daemon.client_port, token, 0, size, data[:1000])
+        relpath = f"race/{attempt}.bin"
+        token = uploads.token(relpath, size)
+        a = open_patch(daemon.client_port, token, 0, size, data[:1000])
         try:
-            writer = staging_lock_pid(uploads.vfolder, token)
-            assert writer in worker_pids(daemon.pid)
-            before = {st: worker_counts(daemon, "PATCH", st) for st in ("409", "423")}
-            refused_on: set[str] = set()
-            for _ in range(10):  # until a refusal comes from the worker that is not writing
-                r = uploads.patch(token, 0, data)
-                assert r.status_code in (409, 423), (r.status_code, r.text)
-                after = {st: worker_counts(daemon, "PATCH", st) for st in ("409", "423")}
-                for st in after:
-                    for w, v in after[st].items():
-                        if v > before[st].get(w, 0):
-                            refused_on.add(w)
-                before = after
-                if len(refused_on) == 2 or (refused_on and _writer_index(daemon, writer) not in refused_on):
-                    break
-            s.sendall(data[1000:])
-            assert b" 204 " in s.recv(4096)
+            holder = _writer_index(daemon, staging_lock_pid(uploads.vfolder, token))
+            assert holder is not None
+            before = counted(daemon)
+            outcome = second(uploads, token, data)
+            after = counted(daemon)
+            answered_by = {w for w, v in after.items() if v > before.get(w, 0)}
+            assert len(answered_by) == 1, (before, after)
         finally:
-            s.close()
-        assert uploads.offset(token) == size
-        assert (uploads.vfolder / "race" / f"{attempt}.bin").read_bytes() == data
-        if _writer_index(daemon, writer) is not None and refused_on - {_writer_index(daemon, writer)}:
-            crossed += 1
-            break
-    assert crossed, "no refused PATCH ever came from the worker that was not writing (6 uploads, 60 PATCHes)"
+            a.close()
+        # Whichever worker wrote what, the upload completes byte-exact from its durable offset.
+        offset = uploads.offset(token)
+        if offset < size:
+            assert offset <= 1000  # nothing of a second writer's body was taken
+            assert uploads.patch(token, offset, data[offset:]).status_code == 204
+        assert (uploads.vfolder / relpath).read_bytes() == data
+        outcomes.append(outcome)
+        if answered_by != {holder}:
+            return outcomes
+    raise AssertionError(f"the second request never reached the other worker in 8 uploads ({outcomes})")
+
+
+def test_a_second_patch_on_the_other_worker_never_interleaves(workers_daemon: Any) -> None:
+    """Two PATCHes of one upload at once on two workers: the one streaming stops, keeping
+    its bytes (as within one process: the newer request supersedes it), and the second, sent
+    at a stale offset, is refused 409 (or 423 while the first still records): never two writers."""
+
+    def stale_patch(uploads: UploadFixture, token: str, data: bytes) -> int:
+        r = uploads.patch(token, 0, data)
+        assert r.status_code in (409, 423), (r.status_code, r.text)
+        # The first writer's bytes are on record: exactly what it sent, nothing of the second.
+        return r.status_code
+
+    outcomes = run_until_crossed(workers_daemon, UploadFixture(workers_daemon), stale_patch, refusals_by_worker)
+    assert outcomes[-1] == 409, outcomes
+
+
+def test_a_resume_on_the_other_worker_is_never_refused(workers_daemon: Any) -> None:
+    """A client resuming (HEAD, then PATCH) while its old PATCH still streams in another
+    worker: the HEAD stops that PATCH there and reports its bytes, the PATCH from that offset
+    succeeds at once (issue 9's resume without waiting, across worker processes)."""
+
+    def resume(uploads: UploadFixture, token: str, data: bytes) -> int:
+        offset = uploads.offset(token)
+        assert offset == 1000, offset  # the old PATCH's bytes, recorded before HEAD answered
+        r = uploads.patch(token, offset, data[offset:])
+        assert r.status_code == 204, (r.status_code, r.text)
+        return offset
+
+    run_until_crossed(workers_daemon, UploadFixture(workers_daemon), resume, heads_by_worker)
 
 
 def _writer_index(daemon: Any, pid: int) -> str | None:
