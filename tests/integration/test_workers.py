@@ -375,10 +375,26 @@ def test_tasks_and_events_once_with_workers(storage_proxy_factory: Any, tmp_path
         entries = stream()
         names = [dict(zip(e[1][::2], e[1][1::2], strict=True))[b"name"] for e in entries]
         assert names == [b"vfolder_deletion_success"], names
-        # The task journal and the outbox are the daemon's, once (not one per worker).
-        state = daemon.volume_path() / ".storage-proxy" / "state" / "test-proxy"
-        assert sorted(p.name for p in state.iterdir() if not p.name.endswith(".tmp")) == \
-            ["events.outbox", "tasks.journal"]
+        # The task journal and the outbox are the daemon's, once: the daemon has them open,
+        # no worker has anything of the state dir open.
+        state = (daemon.volume_path() / ".storage-proxy" / "state" / "test-proxy").resolve()
+
+        def open_in_state(pid: int) -> set[str]:
+            names = set()
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = Path(os.readlink(fd))
+                except OSError:
+                    continue
+                if target.parent == state:
+                    names.add(target.name)
+            return names
+
+        assert {"events.outbox", "tasks.journal"} <= open_in_state(daemon.pid)
+        workers = worker_pids(daemon.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            assert open_in_state(pid) == set(), pid
         # /metrics counts the events once.
         sent = {dict(labels).get("name"): v for (name, labels), v in metrics(daemon).items()
                 if name == "storage_proxy_events_sent_total"}
