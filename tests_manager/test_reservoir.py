@@ -9,7 +9,9 @@ daemon's VFS storage, reached two ways:
   each request's ``Authorization`` with backend.ai-common's own
   ``generate_signature`` (the manager's HMAC API auth) and relays it to the
   source's storage proxy as the manager's ``/vfs-storages`` handler does
-  (the listing as JSON, the download streamed, no ``Range`` passed on).
+  (the listing as JSON, the download streamed, no ``Range`` passed on), and
+  answers ``/artifacts/revisions/<id>/verification-result`` as upstream's
+  reservoir asks it after an import.
 
 The import's ``model_verifying`` / ``model_import_done`` reach common's
 ``EventDispatcher`` (the manager's ``RedisQueue`` arguments) as the
@@ -63,6 +65,7 @@ class FakeSourceManager:
     def __init__(self, source: StorageProxyProcess) -> None:
         self.source = source
         self.checked: list[str] = []
+        self.asked: list[str] = []
         self.refused = 0
 
     def _authorized(self, request: web.Request) -> bool:
@@ -84,6 +87,16 @@ class FakeSourceManager:
                 json=await request.json(), headers={"X-BackendAI-Storage-Auth-Token": self.source.manager_secret},
         ) as resp:
             return web.json_response(await resp.json(), status=resp.status)
+
+    async def verification_result(self, request: web.Request) -> web.StreamResponse:
+        if not self._authorized(request):
+            self.refused += 1
+            return web.json_response({"error": "bad signature"}, status=401)
+        self.checked.append(request.rel_url.path)
+        self.asked.append(request.match_info["rid"])
+        return web.json_response({"verification_result": {"verifiers": {"clamav": {
+            "success": True, "infected_count": 0, "scanned_at": "2026-12-04T18:00:00+00:00", "scan_time": 0.5,
+            "scanned_count": len(FILES), "metadata": {"engine": "test"}}}}})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         if not self._authorized(request):
@@ -156,11 +169,13 @@ def test_the_managers_client_imports_and_its_consumer_sees_the_events(
     redis = RedisServer(tmp_path / "redis").start()
     fake = FakeSourceManager(source)
     base = tmp_path / "models"
+    revision_id = str(uuid.uuid4())
 
     async def go() -> None:
         app = web.Application()
         app.router.add_get("/vfs-storages/{name}/files", fake.files)
         app.router.add_post("/vfs-storages/{name}/download", fake.download)
+        app.router.add_get("/artifacts/revisions/{rid}/verification-result", fake.verification_result)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -185,12 +200,18 @@ def test_the_managers_client_imports_and_its_consumer_sees_the_events(
                 answer = await client.import_reservoir_models(ReservoirImportModelsReq(
                     models=[{"model_id": MODEL, "revision": REVISION}], registry_name="res",
                     storage_step_target_mappings={"download": {"storage_name": "models"}},
-                    artifact_revision_ids=[str(uuid.uuid4())]))
+                    artifact_revision_ids=[revision_id]))
                 task = await wait_bgtask(daemon, answer.task_id)
                 assert task["status"] == "done", task
             done = await manager.wait_done("res")
             assert done.success and done.model_id == MODEL and done.revision == REVISION
             assert done.registry_type == ArtifactRegistryType.RESERVOIR and done.digest is None
+            if via == "manager":  # upstream: the source manager's verification result for the revision
+                assert done.verification_result is not None
+                clamav = done.verification_result.verifiers["clamav"]
+                assert clamav.success and clamav.scanned_count == len(FILES)
+            else:
+                assert done.verification_result is None
             assert [(e.model_id, e.registry_type) for e in manager.received[ModelVerifyingEvent]] == [
                 (MODEL, ArtifactRegistryType.RESERVOIR)]
         finally:
@@ -205,5 +226,5 @@ def test_the_managers_client_imports_and_its_consumer_sees_the_events(
     root = base / MODEL / REVISION
     assert {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} == FILES
     if via == "manager":  # every request signed as the manager checks it, and none refused
-        assert fake.refused == 0 and len(fake.checked) == 1 + len(FILES)
+        assert fake.refused == 0 and len(fake.checked) == 2 + len(FILES) and fake.asked == [revision_id]
         assert fake.checked[0] == "/vfs-storages/published/files"

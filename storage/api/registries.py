@@ -307,8 +307,11 @@ async def _start_import(self: ManagerAPI, request: IRequest, kind: str) -> bytes
             raise UnsupportedOperation(f"object storage {download!r} has no buckets configured to import into")
     else:
         self.artifacts.get_vfs(download)
+    wanted = [dict(m) for m in models]
+    for target, rid in zip(wanted, args.get("artifact_revision_ids") or [], strict=False):
+        target["artifact_revision_id"] = rid  # upstream asks the source's manager for its verification
     context = {"registry_name": args["registry_name"], "registry_type": kind, "storage": download,
-               "models": [dict(m) for m in models], "storage_prefix": args["storage_prefix"]}
+               "models": wanted, "storage_prefix": args["storage_prefix"]}
     task = self.bgtasks.start(f"{kind}-import", hf_import_runner(self, context), **context)
     return json_body(request, {"task_id": str(task.task_id)}, 202)
 

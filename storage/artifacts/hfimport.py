@@ -892,8 +892,12 @@ async def import_models(
                 pass
         entry["success"] = True
         kind = client.config.type
+        verification = None
+        fetch = getattr(client, "verification_result", None)  # a reservoir's, from the source's manager
+        if fetch is not None and m.get("artifact_revision_id"):
+            verification = await hub_pool.run(fetch, m["artifact_revision_id"])
         _emit(importer, [model_verifying(m, client.config.name, kind),
-                         model_import_done(m, client.config.name, True, entry["commit_hash"], kind)])
+                         model_import_done(m, client.config.name, True, entry["commit_hash"], kind, verification)])
     failed = [r for r in results if not r["success"]]
     if failed:
         raise ImportFailed(f"{len(failed)} of {len(results)} models failed to import", data={"models": results})
@@ -912,13 +916,13 @@ def model_verifying(m: dict[str, str], registry_name: str, registry_type: str = 
 
 
 def model_import_done(m: dict[str, str], registry_name: str, success: bool, digest: str | None,
-                      registry_type: str = "huggingface") -> Any:
+                      registry_type: str = "huggingface", verification_result: Any = None) -> Any:
     from storage.events.encoding import Event
 
     return Event("anycast", "model_import_done", (
         ("model_id", m["model_id"]), ("revision", m["revision"]), ("registry_type", registry_type),
         ("registry_name", registry_name), ("success", success), ("digest", digest),
-        ("verification_result", None)))
+        ("verification_result", verification_result)))
 
 
 def _emit(importer: Importer, events: list[Any]) -> None:

@@ -37,9 +37,13 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from twisted.logger import Logger
+
 from storage.artifact_config import RegistryConfig
 from storage.artifacts.huggingface import HuggingFaceAPIError, RegistryNotFound
 from storage.errors import StorageError
+
+log = Logger()
 
 LIST_TIMEOUT = 60.0
 
@@ -140,7 +144,7 @@ class ReservoirClient:
         })
         return out
 
-    def _call(self, method: str, rel: str, body: dict[str, Any]) -> Any:
+    def _call(self, method: str, rel: str, body: dict[str, Any] | None, *, absolute: bool = False) -> Any:
         """A JSON call (blocks): the answer's body, or a StorageError naming what failed."""
         parts = urlsplit(self.endpoint)
         conn: http.client.HTTPConnection
@@ -148,9 +152,9 @@ class ReservoirClient:
             conn = http.client.HTTPSConnection(parts.netloc, timeout=LIST_TIMEOUT, context=ssl.create_default_context())
         else:
             conn = http.client.HTTPConnection(parts.netloc, timeout=LIST_TIMEOUT)
-        rel_url = self.base + rel
+        rel_url = rel if absolute else self.base + rel
         try:
-            conn.request(method, self._prefix_path + rel_url, body=json.dumps(body).encode(),
+            conn.request(method, self._prefix_path + rel_url, body=json.dumps(body).encode() if body is not None else None,
                          headers=self.headers(method, rel_url))
             response = conn.getresponse()
             payload = response.read()
@@ -198,6 +202,21 @@ class ReservoirClient:
 
     def commit_hash(self, model_id: str, revision: str) -> str | None:
         return None  # upstream: a reservoir's digest comes later through the manager's scan
+
+    def verification_result(self, artifact_revision_id: str) -> dict[str, Any] | None:
+        """The source manager's verification result for the revision (upstream asks after a
+        successful import, for ``model_import_done``); None without a manager or on any failure."""
+        if not self.via_manager:
+            return None
+        rel_url = f"/artifacts/revisions/{quote(artifact_revision_id, safe='')}/verification-result"
+        try:
+            answer = self._call("GET", rel_url, None, absolute=True)
+        except StorageError as exc:
+            log.warn("reservoir {name}: no verification result for {rid}: {why}", name=self.config.name,
+                     rid=artifact_revision_id, why=str(exc))
+            return None
+        result = answer.get("verification_result") if isinstance(answer, dict) else None
+        return result if isinstance(result, dict) else None
 
     def download_request(self, f: ReservoirFile, offset: int, end: int | None = None
                          ) -> tuple[str, str, dict[bytes, list[bytes]], bytes]:

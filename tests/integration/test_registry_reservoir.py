@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -337,3 +338,49 @@ def test_import_events_and_resume_after_a_kill(tmp_path: Path, pair: tuple[Stora
     finally:
         daemon.stop(timeout=10)
         redis.stop()
+
+
+@pytest.mark.rgw
+@pytest.mark.skipif(not os.environ.get("RGW_ENDPOINT"), reason="no radosgw: set RGW_ENDPOINT/RGW_ACCESS_KEY/"
+                    "RGW_SECRET_KEY (../shared/cephfs/rgw-up.sh)")
+def test_import_into_an_object_storage(tmp_path: Path, pair: tuple[StorageProxyProcess, Path, Relay, Path]) -> None:
+    """From the second daemon into a real S3 (radosgw), its first bucket, through a dropped connection;
+    a second import finds every object tagged with the source's version and downloads nothing."""
+    import botocore.session
+    from botocore.config import Config
+
+    _, _, relay, _ = pair
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=os.environ["RGW_ENDPOINT"], region_name="us-east-1",
+        aws_access_key_id=os.environ["RGW_ACCESS_KEY"], aws_secret_access_key=os.environ["RGW_SECRET_KEY"],
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    bucket = f"res-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
+        "artifact-storages": {"s3": {"type": "object_storage", "object-storage": {
+            "endpoint": os.environ["RGW_ENDPOINT"], "access-key": os.environ["RGW_ACCESS_KEY"],
+            "secret-key": os.environ["RGW_SECRET_KEY"], "region": "us-east-1", "buckets": [bucket]}}},
+        "artifact-registries": {"res": {"type": "reservoir", "reservoir": {
+            "storage-proxy-endpoint": relay.url, "storage-proxy-token": relay_token(pair),
+            "storage-name": "published"}}},
+    })
+    try:
+        daemon.start()
+        relay.fault(remote(BIG), drop_after=1_500_000, times=1)
+        payload = dict(body(), storage_step_target_mappings={"download": {"storage_name": "s3"}})
+        task = run_import(daemon, payload, timeout=60)
+        assert task["status"] == "done", task
+        assert task["result"]["models"][0]["retries"] == 1
+        for rel, data in FILES.items():
+            obj = s3.get_object(Bucket=bucket, Key=remote(rel))
+            assert obj["Body"].read() == data, rel
+            assert obj["Metadata"]["reservoir-version"].startswith(f"{len(data)}-")
+        before = {rel: relay.stat(remote(rel))["gets"] for rel in FILES}
+        task = run_import(daemon, payload, timeout=60)
+        assert task["status"] == "done" and task["result"]["models"][0]["skipped"] == len(FILES), task
+        assert {rel: relay.stat(remote(rel))["gets"] for rel in FILES} == before
+    finally:
+        daemon.stop(timeout=10)
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
