@@ -318,6 +318,33 @@ def test_a_killed_worker_is_restarted_and_the_other_serves_meanwhile(workers_dae
     assert requests.get(daemon.manager_url + "/readyz", timeout=10).status_code == 200
 
 
+def test_a_worker_killed_mid_patch_loses_nothing(workers_daemon: Any) -> None:
+    """SIGKILL the worker a PATCH streams into: its flock dies with it, so the client's next
+    HEAD and PATCH (on whichever worker takes them) resume at once from the durable offset."""
+    daemon = workers_daemon
+    uploads = UploadFixture(daemon)
+    for round_ in range(3):  # bounded: three uploads, each killed at a different point
+        data = os.urandom(4 << 20)
+        token = uploads.token(f"killed/{round_}.bin", len(data))
+        sent = (round_ + 1) * (1 << 20)
+        a = open_patch(daemon.client_port, token, 0, len(data), data[:sent])
+        holder = staging_lock_pid(uploads.vfolder, token)
+        assert holder in worker_pids(daemon.pid)
+        time.sleep(0.2)  # let it take some of the bytes
+        os.kill(holder, signal.SIGKILL)
+        a.close()
+        started = time.monotonic()
+        offset = uploads.offset(token)
+        assert 0 <= offset <= sent
+        r = uploads.patch(token, offset, data[offset:])
+        assert r.status_code == 204, (r.status_code, r.text)
+        assert time.monotonic() - started < 10  # no lease to wait out
+        assert (uploads.vfolder / "killed" / f"{round_}.bin").read_bytes() == data
+        wait_for(lambda h=holder: h not in worker_pids(daemon.pid) and len(worker_pids(daemon.pid)) == 2,
+                 what="the killed worker replaced")
+        ready(daemon)
+
+
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_no_worker_is_left_behind(storage_proxy_factory: Any, how: str) -> None:
     daemon = storage_proxy_factory(extra_config=WORKERS)
