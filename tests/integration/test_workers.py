@@ -507,3 +507,42 @@ def test_each_worker_counts_and_limits_its_own_connections(workers_daemon: Any) 
         for s in held:
             s.close()
     wait_for(lambda: sum(open_by_worker().values()) == 0, what="the connections to close")
+
+
+def test_tls_client_api_on_workers(storage_proxy_factory: Any, tmp_path: Path) -> None:
+    """``[api.client] ssl-enabled``: each worker wraps the shared socket in TLS with the
+    configured certificate (the one the client sees), every PATCH is answered, the file is exact."""
+    import ssl
+
+    from support.tls import self_signed
+
+    cert, key = self_signed(tmp_path)
+    daemon = storage_proxy_factory(extra_config={
+        **WORKERS, "api": {"client": {"ssl-enabled": True, "ssl-cert": str(cert), "ssl-privkey": str(key)}}})
+    ready(daemon)
+    uploads = UploadFixture(daemon)
+    chunk = 64 << 10
+    data = os.urandom(chunk * 32)
+    token = uploads.token("tls/file.bin", len(data))
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False  # the certificate names localhost; we dial 127.0.0.1
+    offset = 0
+    while offset < len(data):  # one TLS connection per PATCH
+        with socket.create_connection(("127.0.0.1", daemon.client_port), timeout=30) as raw, \
+                context.wrap_socket(raw) as s:
+            assert s.getpeercert(binary_form=True) == ssl.PEM_cert_to_DER_cert(cert.read_text())
+            s.sendall(
+                f"PATCH /upload?token={token} HTTP/1.1\r\nHost: t\r\nTus-Resumable: 1.0.0\r\n"
+                f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+                f"Content-Length: {chunk}\r\nConnection: close\r\n\r\n".encode() + data[offset:offset + chunk])
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                part = s.recv(4096)
+                if not part:
+                    break
+                reply += part
+            assert reply.startswith(b"HTTP/1.1 204"), reply[:200]
+        offset += chunk
+    assert (uploads.vfolder / "tls" / "file.bin").read_bytes() == data
+    per_worker = worker_counts(daemon, "PATCH", "204")
+    assert sum(per_worker.values()) == 32, per_worker  # all through the workers' TLS
