@@ -22,10 +22,12 @@ import signal
 import socket
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, protocol
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.protocol import connectionDone
 from twisted.logger import FileLogObserver, Logger, eventAsText, globalLogBeginner
 from twisted.protocols import amp
@@ -192,7 +194,10 @@ class ClientWorker(MultiService):
         self.control = None
         if not self.stopping and self.reactor.running:
             log.warn("the daemon's control channel closed (the daemon is gone): stopping")
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:  # a SIGTERM (PR_SET_PDEATHSIG) began the stop already
+                pass
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -230,10 +235,10 @@ def _tls_options(api: Any) -> Any:
     from OpenSSL.crypto import FILETYPE_PEM, load_certificate, load_privatekey
     from twisted.internet.ssl import CertificateOptions
 
-    pem = open(api.ssl_cert, "rb").read()
+    pem = Path(api.ssl_cert).read_bytes()
     blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem, re.S)
     certs = [load_certificate(FILETYPE_PEM, b) for b in blocks]
-    key = load_privatekey(FILETYPE_PEM, open(api.ssl_privkey, "rb").read())
+    key = load_privatekey(FILETYPE_PEM, Path(api.ssl_privkey).read_bytes())
     return CertificateOptions(privateKey=key, certificate=certs[0], extraCertChain=certs[1:])
 
 
