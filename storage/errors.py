@@ -228,6 +228,24 @@ def no_space(exc: OSError) -> OSError | InsufficientStorage:
     return exc
 
 
+class OutOfDescriptors(StorageError):
+    """EMFILE/ENFILE: the daemon is at its open-file limit, for now (the
+    connection limits of storage.web.connections keep it rare)."""
+
+    status = 503
+    problem = "too-many-open-files"
+    title = "Too many open files"
+    error_code = "storage-proxy_generic_unavailable"
+    headers = {"Retry-After": "1"}
+
+
+def out_of_descriptors(exc: BaseException) -> OutOfDescriptors | None:
+    """The 503 a client sees when ``exc`` is EMFILE or ENFILE, else None."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return OutOfDescriptors(f"the storage proxy has too many files open ({exc.strerror}); retry later")
+    return None
+
+
 class ExecutionError(StorageError):
     status = 500
     problem = "execution/failed"

@@ -20,7 +20,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from werkzeug.exceptions import HTTPException
 
-from storage.errors import PROBLEM_BASE, StorageError
+from storage.errors import PROBLEM_BASE, StorageError, out_of_descriptors
 
 log = Logger()
 
@@ -42,6 +42,8 @@ def problem(request: IRequest, status: int, body: dict[str, Any]) -> bytes:
 
 
 def problem_for(request: IRequest, exc: StorageError, *, client: bool = False) -> bytes:
+    for name, value in getattr(exc, "headers", {}).items():
+        request.setHeader(name.encode(), value.encode())
     return problem(request, exc.status, exc.body(client=client))
 
 
@@ -81,6 +83,10 @@ def handle_unexpected(request: IRequest, failure: Failure) -> bytes | None:
     if failure.check(CancelledError):
         # The client went away and Klein cancelled the handler: nobody to answer.
         return None
+    busy = out_of_descriptors(failure.value)
+    if busy is not None:
+        log.warn("{method} {path}: {msg}", msg=str(busy), **_describe(request))
+        return problem_for(request, busy)
     log.failure("{method} {path} (volume {volume}): unexpected error", failure, **_describe(request))  # type: ignore[arg-type]
     return problem(
         request,

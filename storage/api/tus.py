@@ -40,6 +40,7 @@ from storage.errors import (
     InvalidToken,
     RequestTooLarge,
     StorageError,
+    out_of_descriptors,
 )
 from storage.janitor import UploadJanitor
 from storage.paths import validate_relpath
@@ -882,6 +883,10 @@ class PatchInProgress:
         return d.addBoth(self._deliver)
 
     def _deliver(self, outcome: UploadState | Failure) -> None:
+        busy = out_of_descriptors(outcome.value) if isinstance(outcome, Failure) else None
+        if busy is not None:
+            log.warn("tus PATCH: {msg}", msg=str(busy))
+            outcome = Failure(busy)
         if isinstance(outcome, Failure) and outcome.check(InsufficientStorage):
             # Name the full quota scope, as every other 507 does.
             qsid = self.ref.token.vfid.quota_scope_id

@@ -38,14 +38,14 @@ class TooManyConnections(StorageError):
     status = 503
     problem = "too-many-connections"
     title = "Too many connections"
-    error_code = "storage-proxy_connection_too-many"
+    error_code = "storage-proxy_check-limit_unavailable"
 
 
 class RequestHeaderTimeout(StorageError):
     status = 408
     problem = "request-timeout"
     title = "Request Timeout"
-    error_code = "storage-proxy_request_header-timeout"
+    error_code = "storage-proxy_request_timeout"
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,9 @@ FD_RESERVE = 1024
 # The share of what is left each API may hold open by default: the client
 # API's uploads and downloads are many, the manager's calls few.
 DEFAULT_SHARES = {"client": 0.9, "manager": 0.1}
+# Descriptors one connection may hold: its socket and the file it reads or
+# writes (an upload's staging file, a download's file).
+FDS_PER_CONNECTION = 2
 
 
 def raise_open_file_limit() -> int:
@@ -80,9 +83,11 @@ def raise_open_file_limit() -> int:
 
 def default_max_connections(label: str, open_file_limit: int) -> int:
     """An API's connection limit when the config sets none: its share of the
-    open-file limit beyond ``FD_RESERVE``, so the daemon refuses a
-    connection with a clear 503 before accept(2) fails with EMFILE."""
-    return max(64, int((open_file_limit - FD_RESERVE) * DEFAULT_SHARES.get(label, 0.1)))
+    open-file limit beyond ``FD_RESERVE``, at ``FDS_PER_CONNECTION`` each, so
+    the daemon refuses a connection with a clear 503 before accept(2) or an
+    upload's open(2) fails with EMFILE."""
+    share = (open_file_limit - FD_RESERVE) * DEFAULT_SHARES.get(label, 0.1)
+    return max(64, int(share / FDS_PER_CONNECTION))
 
 
 def limits_for(api: Any, label: str, open_file_limit: int) -> ConnectionLimits:

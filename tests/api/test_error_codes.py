@@ -33,6 +33,7 @@ import storage.api.tus
 import storage.auth
 import storage.errors
 import storage.uploads
+import storage.web.connections
 from storage.api.client import ClientAPI
 from storage.config import parse_config
 from storage.errors import StorageError
@@ -73,7 +74,7 @@ def manager_exception(status: int, code: str | None) -> str:
 
 def all_error_classes() -> list[type[StorageError]]:
     modules = [storage.errors, storage.auth, storage.uploads, storage.api.params, storage.api.manager,
-               storage.api.downloads, storage.api.tus, backends.xfs.volume]
+               storage.api.downloads, storage.api.tus, storage.web.connections, backends.xfs.volume]
     found = {obj for m in modules for _, obj in inspect.getmembers(m, inspect.isclass)
              if issubclass(obj, StorageError)}
     return sorted(found, key=lambda c: c.__qualname__)

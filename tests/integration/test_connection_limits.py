@@ -94,7 +94,7 @@ def test_a_connection_over_the_total_limit_gets_503_and_a_freed_slot_is_served_a
         assert headers["content-type"] == "application/problem+json"
         assert headers["retry-after"] == "1"
         problem = json.loads(body)
-        assert problem["error_code"] == "storage-proxy_connection_too-many"
+        assert problem["error_code"] == "storage-proxy_check-limit_unavailable"
         assert "3 connections" in json.dumps(problem)
         held.pop().close()
         assert _wait_until(lambda: _is_served(daemon.client_port))
@@ -134,7 +134,7 @@ def test_headers_that_dribble_in_get_408_but_a_slow_body_is_not_cut(storage_prox
     status, _, body = _response(_read_all(silent))
     silent.close()
     assert status == 408 and 0.8 < time.monotonic() - start < 8
-    assert json.loads(body)["error_code"] == "storage-proxy_request_header-timeout"
+    assert json.loads(body)["error_code"] == "storage-proxy_request_timeout"
     # A header line every 0.3 s: each byte resets twisted.web's idle timer, not this deadline.
     slow = _connect(daemon.client_port)
     slow.sendall(b"OPTIONS /upload HTTP/1.1\r\nHost: proxy\r\n")
