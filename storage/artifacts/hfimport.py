@@ -423,8 +423,13 @@ class S3Target:
     A multipart upload tagged ``x-amz-meta-hf-etag``; completed only once size and
     hash match, aborted otherwise.  An object already there with the listed size
     and tag is taken as verified (we wrote it so).  A dropped connection resumes
-    into the same upload; after a restart the file starts again (the parts of an
-    unfinished upload are not kept across runs).  Every method blocks (pool).
+    into the same upload.  After a daemon was killed mid-file, its multipart
+    upload is still at S3 and is reused: the file is downloaded from the start
+    again (the sha256 that verifies it needs every byte, and S3 cannot give back
+    the parts of an unfinished upload), but the bytes of each part S3 already
+    holds are not uploaded again once their MD5 matches that part's ETag; a part
+    that does not match aborts that upload and the file goes up anew.  Every
+    method blocks (pool).
     """
 
     def __init__(self, storage: Any, bucket: str, key: str, f: Any) -> None:
@@ -437,6 +442,49 @@ class S3Target:
         self.offset = 0
         self.digest = _Digest(f)
         self.upload: Any = None
+        self.reused: list[dict[str, Any]] = []  # parts of a killed run's upload, to check, not upload
+        self.part_md5: Any = None
+        self.reused_bytes = 0  # of the reused parts, how many were checked
+
+    def _find_unfinished(self) -> None:
+        """A multipart upload of this key a killed daemon left (the newest; older ones aborted):
+        its parts, if they are the whole parts of our part size from the first."""
+        client = self.storage.client
+        try:
+            answer = client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.key)
+        except Exception:
+            return
+        uploads = sorted((u for u in answer.get("Uploads") or [] if u.get("Key") == self.key),
+                         key=lambda u: u.get("Initiated") or 0, reverse=True)
+        for extra in uploads[1:]:
+            try:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=extra["UploadId"])
+            except Exception:
+                pass
+        if not uploads:
+            return
+        upload_id = uploads[0]["UploadId"]
+        try:
+            parts = client.list_parts(Bucket=self.bucket, Key=self.key, UploadId=upload_id).get("Parts") or []
+        except Exception:
+            return
+        part_size = self.upload.part_size
+        parts = sorted(parts, key=lambda q: q["PartNumber"])
+        usable = [q for i, q in enumerate(parts, 1) if q["PartNumber"] == i and q.get("Size") == part_size]
+        usable = usable[:max((self.file.size - 1) // part_size, 0)]  # the last part always goes up anew
+        etags_are_md5 = all('-' not in str(q.get("ETag", "-")) for q in usable)
+        if not usable or not etags_are_md5:
+            try:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=upload_id)
+            except Exception:
+                pass
+            return
+        self.upload.upload_id = upload_id
+        self.upload.parts = [{"PartNumber": q["PartNumber"], "ETag": q["ETag"]} for q in usable]
+        self.reused = usable
+        self.part_md5 = hashlib.md5(usedforsecurity=False)
+        log.info("import: s3://{bucket}/{key}: reusing {n} parts of an unfinished upload", bucket=self.bucket,
+                 key=self.key, n=len(usable))
 
     def _start(self) -> None:
         import mimetypes
@@ -459,19 +507,54 @@ class S3Target:
             if all(meta.get(k) == v for k, v in _object_tags(self.file).items()):
                 return True
         self._start()
+        self._find_unfinished()
         return False
 
     def restart(self) -> None:
         if self.upload is not None:
+            if self.reused:  # the server starts over: the parts are checked again as they come
+                self.offset = 0
+                self.digest = _Digest(self.file)
+                self.reused_bytes = 0
+                self.part_md5 = hashlib.md5(usedforsecurity=False)
+                return
             self.upload.abort()
         self.offset = 0
         self.digest = _Digest(self.file)
         self._start()
 
+    def _check_reused(self, data: bytes) -> bytes:
+        """Feed the bytes S3 holds already through the MD5s of their parts; returns what lies past
+        them (to upload).  A part that differs: that upload is aborted, a new one started, and the
+        file is fetched again from its first byte (``_Interrupted``)."""
+        part_size = self.upload.part_size
+        total = len(self.reused) * part_size
+        view = memoryview(data)
+        while view and self.reused_bytes < total:
+            index = self.reused_bytes // part_size
+            take = min(len(view), part_size - self.reused_bytes % part_size)
+            self.part_md5.update(view[:take])
+            self.reused_bytes += take
+            view = view[take:]
+            if self.reused_bytes % part_size == 0:
+                if self.part_md5.hexdigest() != str(self.reused[index]["ETag"]).strip('"'):
+                    log.info("import: s3://{bucket}/{key}: part {n} of the unfinished upload differs; "
+                             "uploading anew", bucket=self.bucket, key=self.key, n=index + 1)
+                    self.upload.abort()
+                    self.reused = []
+                    self.offset = 0
+                    self.digest = _Digest(self.file)
+                    self._start()
+                    raise _Interrupted("a part of the unfinished upload differs from the source")
+                self.part_md5 = hashlib.md5(usedforsecurity=False)
+        return bytes(view)
+
     def write(self, data: bytes) -> None:
         if self.offset + len(data) > self.file.size:
             raise ArtifactVerificationFailed(f"{self.file.path}: the hub sent more than its {self.file.size} bytes")
-        self.upload.write(data)
+        rest = self._check_reused(data) if self.reused else data
+        if rest:
+            self.upload.write(rest)
         self.digest.update(data)
         self.offset += len(data)
 
@@ -571,11 +654,15 @@ class _BodySink(Protocol):
             self._disarm()
             self.transport.pauseProducing()  # type: ignore[union-attr]
 
-        def write(_: Any) -> Deferred[None]:
+        def write(_: Any) -> Deferred[None] | None:
+            if self.error is not None:  # an earlier write failed: nothing more reaches the target
+                return None
             return self.pool.run(self.target.write, data)
 
         def written(_: Any) -> None:
             self.pending -= len(data)
+            if self.error is not None:
+                return
             self.progress.advance(len(data))
             if self.paused and self.pending < LOW_WATER:
                 self.paused = False

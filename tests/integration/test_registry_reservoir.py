@@ -384,3 +384,72 @@ def test_import_into_an_object_storage(tmp_path: Path, pair: tuple[StorageProxyP
         for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             s3.delete_object(Bucket=bucket, Key=obj["Key"])
         s3.delete_bucket(Bucket=bucket)
+
+
+@pytest.mark.rgw
+@pytest.mark.skipif(not os.environ.get("RGW_ENDPOINT"), reason="no radosgw: set RGW_ENDPOINT/RGW_ACCESS_KEY/"
+                    "RGW_SECRET_KEY (../shared/cephfs/rgw-up.sh)")
+@pytest.mark.parametrize("changed", [False, True])
+def test_an_object_storage_import_reuses_the_upload_a_killed_daemon_left(
+        tmp_path: Path, pair: tuple[StorageProxyProcess, Path, Relay, Path], changed: bool) -> None:
+    """SIGKILL after the first 5 MiB part of the large file went up: the next run checks that part's
+    MD5 against its ETag while it downloads the file again, uploads only the rest, and completes.
+    If the source's file changed meanwhile, the part differs: that upload is dropped and the file
+    goes up anew, whole and new."""
+    import botocore.session
+    from botocore.config import Config
+
+    _, _, relay, source_base = pair
+    s3 = botocore.session.get_session().create_client(
+        "s3", endpoint_url=os.environ["RGW_ENDPOINT"], region_name="us-east-1",
+        aws_access_key_id=os.environ["RGW_ACCESS_KEY"], aws_secret_access_key=os.environ["RGW_SECRET_KEY"],
+        config=Config(s3={"addressing_style": "path"}, signature_version="s3v4"))
+    bucket = f"res-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
+        "artifact-storages": {"s3": {"type": "object_storage", "object-storage": {
+            "endpoint": os.environ["RGW_ENDPOINT"], "access-key": os.environ["RGW_ACCESS_KEY"],
+            "secret-key": os.environ["RGW_SECRET_KEY"], "region": "us-east-1", "buckets": [bucket]}}},
+        "artifact-registries": {"res": {"type": "reservoir", "reservoir": {
+            "storage-proxy-endpoint": relay.url, "storage-proxy-token": relay_token(pair),
+            "storage-name": "published"}}},
+    })
+    key = remote(BIG)
+    source = source_base / key
+    expected = dict(FILES)
+    if changed:
+        expected[BIG] = bytes(b ^ 0x5A for b in FILES[BIG])
+    try:
+        daemon.start()
+        relay.fault(key, drop_after=5_800_000, times=1, stall=True)
+        payload = dict(body(), storage_step_target_mappings={"download": {"storage_name": "s3"}})
+        status, _, answer = call(daemon, "POST", f"{RES}/import", payload)
+        assert status == 202, answer
+        deadline = time.monotonic() + 30
+        while True:
+            uploads = [u for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) if u["Key"] == key]
+            parts = s3.list_parts(Bucket=bucket, Key=key, UploadId=uploads[0]["UploadId"]).get("Parts", []) \
+                if uploads else []
+            if parts:
+                break
+            assert time.monotonic() < deadline, "the first part never went up"
+            time.sleep(0.05)
+        daemon.kill()  # SIGKILL: the unfinished upload stays at S3
+        if changed:
+            source.write_bytes(expected[BIG])
+        daemon.start()
+        task = run_import(daemon, payload, timeout=60)
+        assert task["status"] == "done", task
+        assert "reusing 1 parts of an unfinished upload" in daemon.log
+        assert ("differs; uploading anew" in daemon.log) == changed
+        for rel, data in expected.items():
+            assert s3.get_object(Bucket=bucket, Key=remote(rel))["Body"].read() == data, rel
+        assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")  # nothing left behind
+    finally:
+        source.write_bytes(FILES[BIG])
+        daemon.stop(timeout=10)
+        for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=obj["Key"])
+        s3.delete_bucket(Bucket=bucket)
