@@ -50,6 +50,9 @@ from storage.errors import (
     VFolderExists,
     VFolderNotFound,
 )
+from storage.fs import crossmove, tree
+from storage.fs.atomic import write_atomic
+from storage.fs.usage import TreeUsage, UsageCache
 from storage.paths import (
     open_dir_beneath,
     open_parent,
@@ -59,9 +62,7 @@ from storage.paths import (
     validate_relpath,
 )
 from storage.quota import ScopeFigure
-from storage.usage import TreeUsage, UsageCache
 
-from . import crossmove, treeops
 from .base import (
     AbstractVolume,
     Capability,
@@ -223,33 +224,11 @@ class VfsVolume(AbstractVolume):
         try:
             found = version.read_text().strip()
         except FileNotFoundError:
-            self._write_atomic(self.root, "version.txt", (LAYOUT_VERSION + "\n").encode(), mode=0o644)
+            write_atomic(self.root / "version.txt", (LAYOUT_VERSION + "\n").encode(), mode=0o644, hidden=True)
             return
         if found != LAYOUT_VERSION:
             log.warn("volume {name}: {path} says layout version {found!r}; this proxy uses {want}",
                      name=self.name, path=version, found=found, want=LAYOUT_VERSION)
-
-    @staticmethod
-    def _write_atomic(directory: Path, name: str, payload: bytes, mode: int = 0o600) -> None:
-        """Write ``directory/name`` whole or not at all: temp file, fsync, rename, fsync dir."""
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            tmp = f".{name}.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, treeops.CREATE_FLAGS, mode, dir_fd=dfd)
-            try:
-                view = memoryview(payload)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp, dir_fd=dfd)
-                raise
-            os.close(fd)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     # -- volume --------------------------------------------------------------
 
@@ -402,7 +381,7 @@ class VfsVolume(AbstractVolume):
     def _delete_vfolder(self, vfid: VFolderID, progress: Progress | None) -> None:
         path = self.vfolder_path(vfid)
         with _fd(self._open_vfolder(vfid)) as root_fd, os_errors("."):
-            treeops.remove_tree_contents(root_fd, progress)
+            tree.remove_tree_contents(root_fd, progress)
         with os_errors("."):
             self._remove_metadata(vfid)
             try:
@@ -463,16 +442,16 @@ class VfsVolume(AbstractVolume):
         finally:
             dst_volume.invalidate_usage(dst_vfid)
 
-    def _count_for_clone(self, vfid: VFolderID, progress: Progress | None) -> tuple[treeops.TreeCount, int]:
+    def _count_for_clone(self, vfid: VFolderID, progress: Progress | None) -> tuple[tree.TreeCount, int]:
         with _fd(self._open_vfolder(vfid)) as fd, os_errors("."):
-            return treeops.count_tree(fd, progress), stat.S_IMODE(os.fstat(fd).st_mode)
+            return tree.count_tree(fd, progress), stat.S_IMODE(os.fstat(fd).st_mode)
 
     def _copy_vfolder(self, src_vfid: VFolderID, dst_volume: VfsVolume, dst_vfid: VFolderID,
                       progress: Progress | None) -> None:
         with _fd(self._open_vfolder(src_vfid)) as sfd, _fd(dst_volume._open_vfolder(dst_vfid)) as dfd:
             with os_errors("."):
-                treeops.copy_tree_contents(sfd, dfd, progress)
-                treeops.apply_stat_fd(dfd, os.fstat(sfd), owner=treeops._preserve_owner())
+                tree.copy_tree_contents(sfd, dfd, progress)
+                tree.apply_stat_fd(dfd, os.fstat(sfd), owner=tree._preserve_owner())
             payload = self._read_metadata(src_vfid)
             if payload:
                 dst_volume._write_metadata(dst_vfid, payload)
@@ -532,7 +511,7 @@ class VfsVolume(AbstractVolume):
         path = self.metadata_path(vfid)
         with os_errors("."):
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._write_atomic(path.parent, path.name, payload)
+            write_atomic(path, payload, hidden=True)
 
     def _remove_metadata(self, vfid: VFolderID) -> None:
         path = self.metadata_path(vfid)
@@ -568,7 +547,7 @@ class VfsVolume(AbstractVolume):
 
     async def get_usage(self, vfid: VFolderID, relpath: str = ".") -> FolderUsage:
         """Entries below ``relpath`` and their apparent size (upstream's numbers);
-        -1/-1 when the walk is slow and nothing is cached (see ``storage.usage``)."""
+        -1/-1 when the walk is slow and nothing is cached (see ``storage.fs.usage``)."""
         usage = await self._tree_usage(vfid, relpath)
         return FolderUsage(usage.file_count, usage.apparent_bytes, observed_at=usage.observed_at)
 
@@ -777,9 +756,9 @@ class VfsVolume(AbstractVolume):
                 with _fd(tdir):
                     tmp = f".{tname[:200]}.{secrets.token_hex(6)}.copying"
                     if stat.S_ISLNK(st.st_mode):
-                        treeops.copy_symlink_at(sdir, sname, tdir, tmp, st, owner=treeops._preserve_owner())
+                        tree.copy_symlink_at(sdir, sname, tdir, tmp, st, owner=tree._preserve_owner())
                     else:
-                        treeops.copy_file_at(sdir, sname, tdir, tmp)
+                        tree.copy_file_at(sdir, sname, tdir, tmp)
                     try:
                         os.rename(tmp, tname, src_dir_fd=tdir, dst_dir_fd=tdir)
                     except BaseException:
@@ -829,7 +808,7 @@ class VfsVolume(AbstractVolume):
                         if stat.S_ISDIR(st.st_mode):
                             if not recursive:
                                 raise IsADirectoryError(errno.EISDIR, "Is a directory (pass recursive to delete it)")
-                            treeops.remove_at(pdir, name, progress)
+                            tree.remove_at(pdir, name, progress)
                         else:
                             with contextlib.suppress(FileNotFoundError):
                                 os.unlink(name, dir_fd=pdir)

@@ -24,6 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from storage.fs.atomic import write_atomic
+
 KNOWN_BACKENDS = ("vfs", "xfs", "cephfs", "purestorage")
 
 # Where upstream looks for its config when none is named, in order.
@@ -424,13 +426,7 @@ def _load_or_create_secrets(path: Path) -> tuple[dict[str, str], bool]:
             return {"secret": data["secret"], "manager-secret": data["manager-secret"]}, False
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"secret": secrets.token_urlsafe(32), "manager-secret": secrets.token_urlsafe(32)}
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(tomli_w.dumps(data))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, tomli_w.dumps(data).encode("utf-8"), mode=0o600)
     return data, True
 
 

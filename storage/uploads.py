@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import json
 import os
 import secrets
@@ -47,7 +46,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any
 
-from backends import crossmove
 from storage import fastio, quota
 from storage.errors import (
     InsufficientStorage,
@@ -58,6 +56,8 @@ from storage.errors import (
     VFolderNotFound,
     is_disk_full,
 )
+from storage.fs import crossmove
+from storage.fs.atomic import fsync_dir, write_atomic
 from storage.paths import is_inside, validate_relpath
 
 STAGING_DIR = ".upload"
@@ -168,34 +168,7 @@ def completion_record_path(records: Path, session: str) -> Path:
     return records / (session + STATE_SUFFIX)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- state files --------------------------------------------------------------
-
-
-class _TempTags:
-    """Unique temp-file name parts: this process's pid and a random tag, then
-    a counter (no system call per name; a forked child draws its own tag)."""
-
-    def __init__(self) -> None:
-        self.reset()
-        os.register_at_fork(after_in_child=self.reset)
-
-    def reset(self) -> None:
-        self.prefix = f"{os.getpid()}.{secrets.token_hex(4)}"
-        self.counter = itertools.count()
-
-    def __call__(self) -> str:
-        return f"{self.prefix}.{next(self.counter)}"
-
-
-_temp_tag = _TempTags()
 
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -219,28 +192,7 @@ def write_state(vfolder: Path, state: UploadState, *, sync_dir: bool = False) ->
     killed daemon left in the staging file are only trusted on that boot.
     """
     state = replace(state, extra=dict(state.extra, boot_id=current_boot_id()))
-    _replace_file(state_path(vfolder, state.session), state.to_json(), sync_dir=sync_dir)
-
-
-def _replace_file(final: Path, data: bytes, *, sync_dir: bool) -> None:
-    """Write ``data`` to a temp file beside ``final``, fsync it, rename it over ``final``."""
-    tmp = final.with_name(f"{final.name}.{_temp_tag()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, final)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if sync_dir:
-        _fsync_dir(final.parent)
+    write_atomic(state_path(vfolder, state.session), state.to_json(), sync_dir=sync_dir)
 
 
 def _read_small_file(path: Path) -> bytes:
@@ -1011,7 +963,7 @@ def complete_upload(
         crossmove.move_path(staging_path(vfolder, state.session), target)
         if marked and not _has_mark(target, mark):
             marked = _set_mark(target, mark)  # a copy that did not carry the xattr
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         if is_disk_full(exc):
             raise InsufficientStorage(f"cannot place the uploaded file: {exc.strerror}") from None
@@ -1041,7 +993,7 @@ def complete_upload(
 def _write_completion_record(records: Path, vfolder: Path, done: UploadState) -> None:
     record = replace(done, extra=dict(done.extra, vfolder=str(vfolder)))
     records.mkdir(parents=True, exist_ok=True)
-    _replace_file(completion_record_path(records, done.session), record.to_json(), sync_dir=True)
+    write_atomic(completion_record_path(records, done.session), record.to_json())
 
 
 def _recorded_completion(records: Path, vfolder: Path, session: str, relpath: str, length: int) -> UploadState | None:

@@ -277,7 +277,7 @@ def _finish_clone(tmp: Path, dst: Path) -> None:
 
 
 def _remove_quietly(path: Path) -> None:
-    from backends.crossmove import remove_path
+    from storage.fs.tree import remove_path
 
     try:
         remove_path(path)

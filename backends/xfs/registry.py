@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.fs.atomic import write_atomic
+
 _PROJECTS_LINE = re.compile(r"^(\d+):(/.*)$")
 _PROJID_LINE = re.compile(r"^([^:#\s][^:\s]*):(\d+)(?::.*)?$")
 _LIMITS_LINE = re.compile(r"^([^:#\s][^:\s]*):(\d+)$")
@@ -141,25 +143,8 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def write_atomically(path: Path, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` with ``text`` (exactly ``mode``, whatever the umask), durably."""
+    write_atomic(path, text.encode("utf-8", "surrogateescape"), mode=mode, exact_mode=True, hidden=True)
 
 
 class RegistryFiles:

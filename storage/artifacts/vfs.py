@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Any
 
-from backends.treeops import remove_at
 from storage.artifact_config import VFSStorageConfig
 from storage.artifacts.errors import ArtifactFileNotFound, FileTooLarge
 from storage.errors import InvalidAPIParameters, InvalidPath, no_space
+from storage.fs.tree import remove_at
 from storage.paths import open_dir_beneath, open_root, resolve_rel, validate_relpath
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -10,26 +10,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-
-def fsync_dir(path: Path) -> None:
-    """A rename or a new file in ``path`` survives a power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from storage.fs.atomic import fsync_dir, write_atomic
 
 
 def rewrite_lines(path: Path, lines: list[bytes]) -> None:
     """Blocking: replace ``path`` atomically (and durably) with ``lines``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        for line in lines:
-            f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lines)
 
 
 def encode_line(record: dict[str, Any]) -> bytes:

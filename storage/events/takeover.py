@@ -49,7 +49,7 @@ from twisted.logger import Logger
 from storage.events import journal as j
 from storage.events import outbox as ob
 from storage.events.encoding import Event
-from storage.events.jsonlines import fsync_dir
+from storage.fs.atomic import fsync_dir
 
 log = Logger()
 

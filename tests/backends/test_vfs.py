@@ -479,7 +479,7 @@ class TestCopyFile:
 
     @ensure
     async def test_enospc_is_507_and_leaves_nothing(self, volume: VfsVolume, vfolder: VFolderID, monkeypatch) -> None:
-        from backends import treeops
+        from storage.fs import tree as fstree
 
         path = vpath(volume, vfolder)
         write(path / "src", b"x" * 1000)
@@ -488,7 +488,7 @@ class TestCopyFile:
             os.pwrite(dst_fd, b"x" * 10, do)
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(treeops.fastio, "copy_range", full)
+        monkeypatch.setattr(fstree.fastio, "copy_range", full)
         with pytest.raises(InsufficientStorage) as exc:
             await volume.copy_file(vfolder, "src", "dst")
         assert exc.value.status == 507

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
-from backends import treeops
 from backends.base import AbstractVolume, FSUsage
 from backends.vfs import VfsVolume
 from storage.bgtasks import Progress, TaskCancelled
 from storage.errors import InsufficientStorage, UnsupportedOperation, VFolderExists, VFolderNotFound
+from storage.fs import tree as fstree
 from storage.vfid import VFolderID
 
 ensure = pytest_twisted.ensureDeferred
@@ -159,7 +159,7 @@ async def test_cancel_removes_the_partial_copy(volume: VfsVolume, source: VFolde
 @ensure
 async def test_failure_removes_the_partial_copy(volume: VfsVolume, source: VFolderID, new_vfid, monkeypatch) -> None:
     calls = []
-    real = treeops.copy_file_at
+    real = fstree.copy_file_at
 
     def failing(*args, **kwargs):
         calls.append(args)
@@ -167,7 +167,7 @@ async def test_failure_removes_the_partial_copy(volume: VfsVolume, source: VFold
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(treeops, "copy_file_at", failing)
+    monkeypatch.setattr(fstree, "copy_file_at", failing)
     dst = new_vfid()
     with pytest.raises(InsufficientStorage):
         await volume.clone_vfolder(source, volume, dst)
@@ -179,7 +179,7 @@ async def test_failure_removes_the_partial_copy(volume: VfsVolume, source: VFold
 
 @ensure
 async def test_cancel_inside_a_large_file(volume: VfsVolume, source: VFolderID, new_vfid, monkeypatch) -> None:
-    monkeypatch.setattr(treeops, "COPY_CHUNK", 1 << 20)
+    monkeypatch.setattr(fstree, "COPY_CHUNK", 1 << 20)
 
     class CancelMidFile(Progress):
         def check(self) -> None:
@@ -207,14 +207,14 @@ async def test_cancelling_the_deferred_stops_the_copy_before_cleaning_up(
     from twisted.internet.defer import CancelledError, Deferred
 
     started, release = threading.Event(), threading.Event()
-    real = treeops.copy_file_at
+    real = fstree.copy_file_at
 
     def slow(*args, **kwargs):
         started.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(treeops, "copy_file_at", slow)
+    monkeypatch.setattr(fstree, "copy_file_at", slow)
     dst = new_vfid()
     progress = Progress()
     d = Deferred.fromCoroutine(volume.clone_vfolder(source, volume, dst, progress))

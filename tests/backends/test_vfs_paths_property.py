@@ -33,9 +33,9 @@ import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.treeops import remove_tree_contents
 from backends.vfs import VfsVolume
 from storage.errors import FileOperationFailed, InvalidPath, InvalidSubpath
+from storage.fs.tree import remove_tree_contents
 from storage.paths import is_inside
 from storage.vfid import VFolderID
 

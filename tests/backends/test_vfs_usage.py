@@ -16,11 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 
-from backends.treeops import remove_tree_contents
 from backends.vfs import VfsVolume
 from storage.blocking import BlockingPool
 from storage.errors import FileOperationFailed, InvalidPath, VFolderNotFound
-from storage.usage import TreeUsage, UsageCache, UsageWalkAborted, walk_usage
+from storage.fs.tree import remove_tree_contents
+from storage.fs.usage import TreeUsage, UsageCache, UsageWalkAborted, walk_usage
 from storage.vfid import VFolderID
 
 ensure = pytest_twisted.ensureDeferred

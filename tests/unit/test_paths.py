@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from storage.errors import InvalidPath
+from storage.fs.walk import walk_tree
 from storage.paths import (
     MAX_NAME_BYTES,
     MAX_PATH_BYTES,
@@ -19,7 +20,6 @@ from storage.paths import (
     resolve_rel,
     validate_name,
     validate_relpath,
-    walk_tree,
 )
 
 

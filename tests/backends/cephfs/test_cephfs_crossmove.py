@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backends import crossmove
 from backends.cephfs import xattrs
+from storage.fs import crossmove
 
 pytestmark = pytest.mark.cephfs
 

@@ -200,7 +200,7 @@ async def test_start_up_waits_helper_start_timeout_for_the_helper(sandbox):
 
 @pytest_twisted.ensureDeferred
 async def test_quota_full_names_the_quota_scope(volume, sandbox, monkeypatch):
-    from backends import treeops
+    from storage.fs import tree as fstree
 
     q = qsid()
     await volume.create_quota_scope(q, QuotaConfig(1 << 20))
@@ -211,7 +211,7 @@ async def test_quota_full_names_the_quota_scope(volume, sandbox, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(treeops, "copy_file_at", full)
+    monkeypatch.setattr(fstree, "copy_file_at", full)
     with pytest.raises(InsufficientStorage) as info:
         await volume.copy_file(vf, "a", "b")
     body = info.value.body()

@@ -12,7 +12,7 @@ One walk yields both numbers upstream reports:
   Upstream parses du's human-readable output, so it is rounded; ours is exact.
 
 The walk never follows a symlink: it descends with ``openat(O_NOFOLLOW)`` from
-the descriptor of the parent (``storage.paths.walk_tree``), so a directory
+the descriptor of the parent (``storage.fs.walk.walk_tree``), so a directory
 swapped for a symlink mid-walk is skipped, never entered; it needs no
 recursion and a bounded number of descriptors however deep or wide the tree.
 
@@ -40,7 +40,8 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .paths import open_dir_beneath, open_root, walk_tree
+from storage.fs.walk import walk_tree
+from storage.paths import open_dir_beneath, open_root
 
 log = Logger()
 
