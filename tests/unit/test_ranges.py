@@ -14,7 +14,6 @@ from storage.api.ranges import (
     RangeSpec,
     Validators,
     check_preconditions,
-    format_range,
     if_range_allows,
     make_etag,
     parse_http_date,
@@ -62,6 +61,12 @@ specs = st.one_of(
     st.builds(lambda a: RangeSpec(a, None), st.integers(0, 10**15)),
     st.builds(lambda n: RangeSpec(None, n), st.integers(0, 10**15)),
 )
+
+
+def format_range(spec_list):
+    """The header a client sends for ``spec_list``."""
+    parts = [f"-{s.last}" if s.first is None else f"{s.first}-{'' if s.last is None else s.last}" for s in spec_list]
+    return "bytes=" + ",".join(parts)
 
 
 @given(st.lists(specs, min_size=1, max_size=10))
@@ -186,3 +191,18 @@ def test_if_range():
     assert if_range_allows(_date(NOW), CURRENT)
     assert not if_range_allows(_date(NOW - 1), CURRENT)
     assert not if_range_allows("garbage", CURRENT)
+
+
+tag_text = st.text(alphabet="abcdef0123456789-,", min_size=1, max_size=12)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.one_of(tag_text, st.just(CURRENT.etag[1:-1]))), max_size=6))
+def test_etag_lists_match_like_a_model(tags):
+    """If-None-Match matches our tag weakly (W/ or not), If-Match only strongly,
+    whatever else the list holds (commas inside quotes included)."""
+    header = ", ".join(f'{"W/" if weak else ""}"{text}"' for weak, text in tags)
+    ours = CURRENT.etag[1:-1]
+    weak_hit = any(text == ours for _, text in tags)
+    strong_hit = any(text == ours and not weak for weak, text in tags)
+    assert check_preconditions("GET", {"if-none-match": header}, CURRENT) == (304 if weak_hit else None)
+    assert check_preconditions("GET", {"if-match": header}, CURRENT) == (None if strong_hit else 412)
