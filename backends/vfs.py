@@ -716,12 +716,6 @@ class VfsVolume(AbstractVolume):
             raise InvalidPath(f"{field}: cannot replace the vfolder root", data={field: "the vfolder root"})
         return rel
 
-    async def move_into_place(self, src: Path, dst: Path) -> None:
-        """Rename a finished file (e.g. a tus staging file) onto ``dst``,
-        replacing it; across a filesystem or quota boundary, copy + swap + remove."""
-        with os_errors(str(dst)):
-            await self.pool.run(crossmove.move_path, src, dst)
-
     async def copy_file(self, vfid: VFolderID, src_relpath: str, dst_relpath: str) -> None:
         """Copy a file (or a symlink, as a link) with ``copy_range``, keeping
         mode and times; the destination's parents are created, and it appears

@@ -30,10 +30,6 @@ cdef extern from "<unistd.h>" nogil:
     int c_fdatasync "fdatasync" (int fd)
 
 cdef extern from "<fcntl.h>" nogil:
-    int c_posix_fallocate "posix_fallocate" (int fd, off_t offset, off_t len)
-    int c_posix_fadvise "posix_fadvise" (int fd, off_t offset, off_t len, int advice)
-
-cdef extern from "<fcntl.h>" nogil:
     ssize_t c_splice "splice" (int fd_in, off_t *off_in, int fd_out, off_t *off_out,
                                size_t len, unsigned int flags)
     int c_sync_file_range "sync_file_range" (int fd, off_t offset, off_t nbytes, unsigned int flags)
@@ -103,27 +99,6 @@ def sendfile(int out_fd, int in_fd, long long offset, long long count):
     while True:
         with nogil:
             r = c_sendfile(out_fd, in_fd, &off, n)
-            if r < 0:
-                err = errno
-        if r >= 0:
-            return r
-        if err != EINTR:
-            raise _error(err)
-        _retry_eintr()
-
-
-def copy_file_range(int src_fd, int dst_fd, long long src_offset, long long dst_offset, long long count):
-    """One ``copy_file_range(2)``: the bytes copied (0 at end of file)."""
-    if src_offset < 0 or dst_offset < 0 or count < 0:
-        raise _error(22)
-    cdef off_t soff = src_offset
-    cdef off_t doff = dst_offset
-    cdef size_t n = <size_t>count
-    cdef ssize_t r
-    cdef int err = 0
-    while True:
-        with nogil:
-            r = c_copy_file_range(src_fd, &soff, dst_fd, &doff, n, 0)
             if r < 0:
                 err = errno
         if r >= 0:
@@ -294,28 +269,6 @@ def fdatasync(int fd):
         if err != EINTR:
             raise _error(err)
         _retry_eintr()
-
-
-def fallocate(int fd, long long offset, long long length):
-    """``posix_fallocate(3)``: reserve blocks so later writes cannot hit ENOSPC."""
-    cdef int r
-    while True:
-        with nogil:
-            r = c_posix_fallocate(fd, <off_t>offset, <off_t>length)
-        if r == 0:
-            return None
-        if r != EINTR:
-            raise _error(r)
-        _retry_eintr()
-
-
-def fadvise(int fd, long long offset, long long length, int advice):
-    """``posix_fadvise(2)`` (e.g. ``os.POSIX_FADV_SEQUENTIAL`` before a download)."""
-    cdef int r
-    with nogil:
-        r = c_posix_fadvise(fd, <off_t>offset, <off_t>length, advice)
-    if r != 0:
-        raise _error(r)
 
 
 # How splice_receive stopped (besides having moved every byte asked for).

@@ -45,13 +45,6 @@ def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
     return os.sendfile(out_fd, in_fd, offset, min(count, _MAX_SENDFILE))
 
 
-def copy_file_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, count: int) -> int:
-    """One ``copy_file_range(2)``: the bytes copied (0 at end of file)."""
-    if src_offset < 0 or dst_offset < 0 or count < 0:
-        raise _error(errno.EINVAL)
-    return os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
-
-
 def _pwrite_buf(fd: int, data: bytes, offset: int, done_before: int) -> int:
     view = memoryview(data)
     done = 0
@@ -127,16 +120,6 @@ def pwrite_all(fd: int, buffers: Iterable[bytes], offset: int) -> int:
 def fdatasync(fd: int) -> None:
     """``fdatasync(2)``: the file's data (and size) reach stable storage."""
     os.fdatasync(fd)
-
-
-def fallocate(fd: int, offset: int, length: int) -> None:
-    """``posix_fallocate(3)``: reserve blocks so later writes cannot hit ENOSPC."""
-    os.posix_fallocate(fd, offset, length)
-
-
-def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
-    """``posix_fadvise(2)`` (e.g. ``os.POSIX_FADV_SEQUENTIAL`` before a download)."""
-    os.posix_fadvise(fd, offset, length, advice)
 
 
 # How splice_receive stopped (besides having moved every byte asked for).

@@ -12,8 +12,7 @@ import os
 from types import ModuleType
 
 IMPLEMENTATIONS = (
-    "copy_file_range", "copy_range", "fadvise", "fallocate", "fdatasync", "pwrite_all", "sendfile",
-    "splice_receive", "sync_file_range",
+    "copy_range", "fdatasync", "pwrite_all", "sendfile", "splice_receive", "sync_file_range",
 )
 
 
@@ -32,10 +31,7 @@ def _load() -> tuple[ModuleType, bool]:
 
 implementation, NATIVE = _load()
 
-copy_file_range = implementation.copy_file_range
 copy_range = implementation.copy_range
-fadvise = implementation.fadvise
-fallocate = implementation.fallocate
 fdatasync = implementation.fdatasync
 pwrite_all = implementation.pwrite_all
 sendfile = implementation.sendfile

@@ -29,6 +29,7 @@ from storage.errors import (
     QuotaScopeNotFound,
     VFolderNotFound,
 )
+from storage.fs import crossmove
 from storage.vfid import QuotaScopeID, VFolderID
 
 pytestmark = pytest.mark.cephfs
@@ -300,14 +301,15 @@ async def test_failed_move_keeps_the_source_and_leaves_no_temporary(volume):
 
 
 @pytest_twisted.ensureDeferred
-async def test_move_into_place_replaces_across_a_boundary(volume):
+async def test_a_staged_file_moves_into_place_across_a_boundary(volume):
+    """What upload completion does (storage.fs.crossmove.move_path in the pool)."""
     vfid, root = await vfolder_with_inner_realm(volume)
     staging = root / ".upload"
     staging.mkdir()
     await volume.pool.run(write, staging / "session", 3 * MiB)
     data = (staging / "session").read_bytes()
     (root / "inner" / "result").write_bytes(b"old")
-    await volume.move_into_place(staging / "session", root / "inner" / "result")
+    await volume.pool.run(crossmove.move_path, staging / "session", root / "inner" / "result")
     assert (root / "inner" / "result").read_bytes() == data
     assert os.listdir(staging) == []
     assert sorted(os.listdir(root / "inner")) == ["result"]
