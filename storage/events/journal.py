@@ -24,10 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from storage.events.jsonlines import append, encode_line, open_append, rewrite_lines, truncate
+from storage.events.jsonlines import (
+    LineFile,
+    append,
+    encode_line,
+    open_append,
+    rewrite_lines,
+    truncate,
+)
 
 log = Logger()
 
@@ -58,19 +65,14 @@ def _load(path: Path) -> tuple[list[dict[str, Any]], int]:
     return unfinished, open_append(path)
 
 
-class TaskJournal:
+class TaskJournal(LineFile):
     max_attempts = 3
     compact_size = 1 << 20
 
     def __init__(self, path: Path, pool: Any, claimed: Any = None) -> None:
-        self.path = Path(path)
-        self.pool = pool
-        self.claimed = claimed  # async: returns once this daemon owns the state dir (takeover.StateOwner)
-        self._lock = DeferredLock()
-        self._fd: int | None = None
+        super().__init__(path, pool)
+        self.claimed = claimed
         self._attempts: dict[str, int] = {}
-        self._size = 0
-        self.last_error: str | None = None
 
     async def load(self) -> list[dict[str, Any]]:
         if self.claimed is not None:
@@ -124,17 +126,6 @@ class TaskJournal:
     async def ended(self, task_id: str) -> None:
         self._attempts.pop(task_id, None)
         await self._write({"end": task_id}, False)
-
-    async def close(self) -> None:
-        await self._lock.acquire()
-        try:
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                import os
-
-                await self.pool.run(os.close, fd)
-        finally:
-            self._lock.release()
 
 
 class JournalService(Service):

@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import DeferredLock
+
 from storage.fs.atomic import fsync_dir, write_atomic
 
 
@@ -42,3 +44,30 @@ def append(fd: int, data: bytes, sync: bool) -> None:
 def truncate(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.fsync(fd)
+
+
+class LineFile:
+    """What the outbox and the journal share: the file, the pool its
+    operations run in, one at a time in order (``_lock``), the open
+    descriptor (None until ``load``, and after ``close``), the bytes written
+    since the last compaction, the last write error, and ``claimed`` (async:
+    returns once this daemon owns the state dir, ``takeover.StateOwner``; None
+    where nothing is shared)."""
+
+    def __init__(self, path: Path, pool: Any) -> None:
+        self.path = Path(path)
+        self.pool = pool
+        self._lock = DeferredLock()
+        self._fd: int | None = None
+        self._size = 0
+        self.last_error: str | None = None
+        self.claimed: Any = None
+
+    async def close(self) -> None:
+        await self._lock.acquire()
+        try:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                await self.pool.run(os.close, fd)
+        finally:
+            self._lock.release()

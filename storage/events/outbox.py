@@ -18,15 +18,20 @@ the blocking pool, one at a time and in order (a ``DeferredLock``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from storage.events.encoding import TERMINAL, Event
-from storage.events.jsonlines import append, encode_line, open_append, rewrite_lines, truncate
+from storage.events.jsonlines import (
+    LineFile,
+    append,
+    encode_line,
+    open_append,
+    rewrite_lines,
+    truncate,
+)
 
 log = Logger()
 
@@ -99,19 +104,13 @@ def _load(path: Path) -> tuple[list[tuple[int, Event]], int, int, int, set[str]]
     return events, next_seq, fd, size, ended
 
 
-class Outbox:
+class Outbox(LineFile):
     def __init__(self, path: Path, pool: Any, compact_size: int = 1 << 20) -> None:
-        self.path = Path(path)
-        self.pool = pool
+        super().__init__(path, pool)
         self.compact_size = compact_size
-        self._lock = DeferredLock()
-        self._fd: int | None = None
         self._next = 1
         self._pending: set[int] = set()
-        self._size = 0
         self.ended_task_ids: set[str] = set()  # at load: tasks whose terminal event was written
-        self.last_error: str | None = None
-        self.claimed: Any = None  # async: returns once this daemon owns the state dir (takeover.StateOwner)
 
     @property
     def pending(self) -> int:
@@ -179,14 +178,5 @@ class Outbox:
         except OSError as exc:
             # A lost ack re-sends the event after a restart: at least once.
             self.last_error = f"{self.path}: {exc.strerror or exc}"
-        finally:
-            self._lock.release()
-
-    async def close(self) -> None:
-        await self._lock.acquire()
-        try:
-            fd, self._fd = self._fd, None
-            if fd is not None:
-                await self.pool.run(os.close, fd)
         finally:
             self._lock.release()
