@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from harness import manager_for, run, wait_bgtask
 from support.daemon import StorageProxyProcess
-from support.hubserver import MODEL, OTHER, HubServer, tiny_hub
+from support.hubserver import MODEL, OTHER, HubServer, model_import_config, running_hub
 
 pytest.importorskip("huggingface_hub", reason="huggingface-hub is not installed")
 
@@ -34,19 +34,15 @@ from ai.backend.common.dto.storage.request import (  # noqa: E402
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
-    server = tiny_hub(tmp_path_factory.mktemp("hub"))
-    yield server
-    server.stop()
+    with running_hub(tmp_path_factory.mktemp("hub")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def hf_daemon(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[tuple[StorageProxyProcess, Path]]:
     work = tmp_path_factory.mktemp("hfproxy")
     base = work / "models"
-    proc = StorageProxyProcess(work / "proxy", extra_config={
-        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
-        "artifact-registries": {"hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}}},
-    })
+    proc = StorageProxyProcess(work / "proxy", extra_config=model_import_config(base, {"hf": {"endpoint": hub.url}}))
     proc.start()
     yield proc, base
     proc.stop(timeout=10)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import pytest
 from support.daemon import StorageProxyProcess
-from support.hubserver import MODEL, OTHER, HubServer, tiny_hub
+from support.hubserver import MODEL, OTHER, HubServer, model_import_config, running_hub
 
 pytest.importorskip("huggingface_hub", reason="huggingface-hub is not installed")
 
@@ -26,24 +26,20 @@ pytest.importorskip("huggingface_hub", reason="huggingface-hub is not installed"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubServer]:
-    server = tiny_hub(tmp_path_factory.mktemp("hub"))
-    yield server
-    server.stop()
+    with running_hub(tmp_path_factory.mktemp("hub")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, hub: HubServer) -> Iterator[tuple[StorageProxyProcess, Path]]:
     work = tmp_path_factory.mktemp("hfproxy")
     base = work / "models"
-    daemon = StorageProxyProcess(work / "proxy", extra_config={
-        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
-        "artifact-registries": {
-            "hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}},
-            "down": {"type": "huggingface", "huggingface": {"endpoint": "http://127.0.0.1:9"}},
-            "impatient": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "read-timeout": 1}},
-            "parts": {"type": "huggingface", "huggingface": {"endpoint": hub.url, "part-size": 1 << 20}},
-        },
-    }, extra_env={"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"})
+    daemon = StorageProxyProcess(work / "proxy", extra_config=model_import_config(base, {
+        "hf": {"endpoint": hub.url},
+        "down": {"endpoint": "http://127.0.0.1:9"},
+        "impatient": {"endpoint": hub.url, "read-timeout": 1},
+        "parts": {"endpoint": hub.url, "part-size": 1 << 20},
+    }), extra_env={"HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"})
     daemon.start()
     yield daemon, base
     daemon.stop(timeout=10)
@@ -362,19 +358,27 @@ def test_import_retries_a_stalled_download(proxy: tuple[StorageProxyProcess, Pat
     assert stored(base, "stalled") == hub.content[f"{MODEL}@main"]
 
 
-def test_import_resumes_after_the_daemon_is_killed(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
-    daemon, base = proxy
+def start_stalled_import(daemon: StorageProxyProcess, base: Path, hub: HubServer,
+                         prefix: str) -> tuple[dict, dict, Path]:
+    """An import whose model.safetensors stalls after 2.5 MB, started and waited on
+    until its first 2 MB are staged: (the request body, the 202 answer, the staged file)."""
     data = hub.content[f"{MODEL}@main"]["model.safetensors"]
-    staged = base / "killed" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
+    staged = base / prefix / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
     hub.post("/_faults", {"path": "model.safetensors", "drop_after": 2_500_000, "times": 1, "stall": True})
     body = {"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
-            "storage_prefix": "killed"}
+            "storage_prefix": prefix}
     status, _, answer = call(daemon, "POST", f"{HF}/import", body)
     assert status == 202, answer
     deadline = time.monotonic() + 20
     while not (staged.exists() and staged.stat().st_size >= 2_000_000):  # the first 2 MiB batch written
         assert time.monotonic() < deadline, "the import did not start writing"
         time.sleep(0.02)
+    return body, answer, staged
+
+
+def test_import_resumes_after_the_daemon_is_killed(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
+    daemon, base = proxy
+    body, _, _ = start_stalled_import(daemon, base, hub, "killed")
     daemon.kill()  # SIGKILL mid-file
     daemon.start()
     before = hub.get("/_stats")["model.safetensors"]
@@ -395,10 +399,7 @@ def test_import_events_and_resume_after_a_kill(tmp_path: Path, hub: HubServer) -
     redis = RedisServer(tmp_path / "redis").start()
     base = tmp_path / "models"
     daemon = StorageProxyProcess(tmp_path / "proxy", extra_config={
-        "redis": {"addr": redis.addr},
-        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
-        "artifact-registries": {"hf": {"type": "huggingface", "huggingface": {"endpoint": hub.url}}},
-    })
+        "redis": {"addr": redis.addr}, **model_import_config(base, {"hf": {"endpoint": hub.url}})})
     try:
         daemon.start()
         data = hub.content[f"{MODEL}@main"]["model.safetensors"]
@@ -501,17 +502,7 @@ def test_a_hanging_hub_leaves_the_filesystem_routes_alone(tmp_path: Path) -> Non
 
 def test_a_cancelled_import_keeps_its_staged_bytes(proxy: tuple[StorageProxyProcess, Path], hub: HubServer) -> None:
     daemon, base = proxy
-    data = hub.content[f"{MODEL}@main"]["model.safetensors"]
-    staged = base / "cancelled" / f".model.safetensors.{hashlib.sha256(data).hexdigest()[:16]}.part"
-    hub.post("/_faults", {"path": "model.safetensors", "drop_after": 2_500_000, "times": 1, "stall": True})
-    body = {"registry_name": "hf", "models": [{"model_id": MODEL}], "storage_step_mappings": {"download": "models"},
-            "storage_prefix": "cancelled"}
-    status, _, answer = call(daemon, "POST", f"{HF}/import", body)
-    assert status == 202, answer
-    deadline = time.monotonic() + 20
-    while not (staged.exists() and staged.stat().st_size >= 2_000_000):
-        assert time.monotonic() < deadline, "the import did not start writing"
-        time.sleep(0.02)
+    body, answer, staged = start_stalled_import(daemon, base, hub, "cancelled")
     # the stalled download sends nothing more: cancelling must not wait for its next byte
     status, _, _ = call(daemon, "POST", f"/bgtask/{answer['task_id']}/cancel")
     assert status in (200, 202)

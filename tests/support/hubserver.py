@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,23 @@ def tiny_hub(workdir: Path) -> HubServer:
     server.add_file(manifest, OTHER, "main", "weights.bin", rnd(1000), lfs=True)
     server.start(manifest)
     return server
+
+
+@contextmanager
+def running_hub(workdir: Path) -> Iterator[HubServer]:
+    """``tiny_hub`` for the length of a ``with`` block (a module fixture's body)."""
+    server = tiny_hub(workdir)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def model_import_config(base: Path, registries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Daemon config of a VFS artifact storage ``models`` under ``base`` and one
+    HuggingFace registry per name (its ``[artifact-registries.NAME.huggingface]`` options)."""
+    return {
+        "artifact-storages": {"models": {"type": "vfs_storage", "vfs-storage": {"base-path": str(base)}}},
+        "artifact-registries": {name: {"type": "huggingface", "huggingface": dict(options)}
+                                for name, options in registries.items()},
+    }
