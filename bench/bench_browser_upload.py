@@ -23,12 +23,12 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-for sub in ("tests", "tests/web", "tests/browser"):
+for sub in ("tests", "tests/browser"):
     sys.path.insert(0, str(ROOT / sub))
 
 from support.daemon import StorageProxyProcess  # noqa: E402
+from support.upload_client import UploadFixture  # noqa: E402
 from test_webui_flows import BIG, run_browser  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
 
 
 def curl_rate(uploads: UploadFixture, payload: Path) -> float:

@@ -13,16 +13,11 @@ have no manager, never collect them.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-_TESTS = str(Path(__file__).resolve().parent.parent / "tests")
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
 
 pytest.importorskip("ai.backend.common", reason="needs backend.ai-common (tox -e manager, manager-common268, ...)")
 

@@ -7,16 +7,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest_twisted
+from support.tus_harness import TusHarness
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from tus_harness import TusHarness  # noqa: E402
-
-import storage.uploads  # noqa: E402
+import storage.uploads
 
 
 def _exhausted(monkeypatch, code: int = errno.EMFILE) -> None:

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
+from support.tus_harness import TUS, FakeVolume, FakeVolumes, InlinePool, TusHarness
+from twisted.internet.task import Clock
 
-from tus_harness import TUS, FakeVolume, FakeVolumes, InlinePool, TusHarness  # noqa: E402
-from twisted.internet.task import Clock  # noqa: E402
-
-from storage.janitor import ORPHAN_GRACE, UploadJanitor, sweep_volume  # noqa: E402
-from storage.uploads import completion_records_dir, create_upload, staging_path, state_path  # noqa: E402
+from storage.janitor import ORPHAN_GRACE, UploadJanitor, sweep_volume
+from storage.uploads import completion_records_dir, create_upload, staging_path, state_path
 
 
 def test_janitor_sweeps_on_start_and_then_every_interval(tmp_path):

@@ -9,7 +9,6 @@ comes before every check of the body (413 for a body past Upload-Length).
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -17,14 +16,11 @@ from pathlib import Path
 import jwt
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support.tus_harness import OCTETS, SECRET, TUS, Connection, TusHarness
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from tus_harness import OCTETS, SECRET, TUS, Connection, TusHarness  # noqa: E402
-
-from storage.tokens import issue_upload_token  # noqa: E402
-from storage.uploads import create_upload, new_session_id, read_state, staging_path  # noqa: E402
-from storage.vfid import VFolderID  # noqa: E402
+from storage.tokens import issue_upload_token
+from storage.uploads import create_upload, new_session_id, read_state, staging_path
+from storage.vfid import VFolderID
 
 SIZE = 10
 DONE = b"abc"  # already uploaded: the upload's offset is 3

@@ -7,21 +7,17 @@ import base64
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import jwt
 import pytest
+from support.tus_harness import OCTETS, SECRET, TUS, Connection, ManualPool, TusHarness
 from twisted.internet.defer import maybeDeferred
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from tus_harness import OCTETS, SECRET, TUS, Connection, ManualPool, TusHarness  # noqa: E402
-
-from storage.janitor import sweep_volume  # noqa: E402
-from storage.tokens import issue_download_token  # noqa: E402
-from storage.uploads import read_state, staging_path  # noqa: E402
+from storage.janitor import sweep_volume
+from storage.tokens import issue_download_token
+from storage.uploads import read_state, staging_path
 
 
 @pytest.fixture

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
+from support.tus_harness import TusHarness
 
-from tus_harness import TusHarness  # noqa: E402
-
-from storage.uploads import current_boot_id, read_state, staging_path, state_path  # noqa: E402
+from storage.uploads import current_boot_id, read_state, staging_path, state_path
 
 
 def leave_unrecorded_bytes(h: TusHarness, session: str, data: bytes) -> None:

@@ -8,19 +8,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from support.tus_harness import OCTETS, Connection, TusHarness
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from tus_harness import OCTETS, Connection, TusHarness  # noqa: E402
-
-from storage.uploads import read_state, staging_path  # noqa: E402
+from storage.uploads import read_state, staging_path
 
 SIZE = 200
 

@@ -5,18 +5,14 @@ refused cleanly, never buffered and written."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest_twisted
+from support.tus_harness import TUS, TusHarness
 from treq.testing import StubTreq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from tus_harness import TUS, TusHarness  # noqa: E402
-
-from storage.api.client import ClientAPI  # noqa: E402
-from storage.uploads import staging_path  # noqa: E402
+from storage.api.client import ClientAPI
+from storage.uploads import staging_path
 
 
 def stub(tmp_path: Path) -> tuple[StubTreq, TusHarness]:

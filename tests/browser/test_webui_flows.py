@@ -21,16 +21,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from upload_client import UploadFixture  # noqa: E402
+from support.upload_client import UploadFixture
 
 HERE = Path(__file__).resolve().parent
 MiB = 1 << 20

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -13,11 +12,6 @@ from fake_tus_server import FakeTusServer
 from twisted.internet import reactor as global_reactor
 
 from storage.tus_client import RetryPolicy, TusClient
-
-# ``support`` (the daemon harness) lives in tests/: importable however pytest started
-_TESTS = str(Path(__file__).resolve().parent.parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
 
 FAST_RETRY = RetryPolicy(retries=4, base_delay=0.01, max_delay=0.05, checksum_attempts=3)
 

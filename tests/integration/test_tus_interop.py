@@ -8,15 +8,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from upload_client import UploadFixture  # noqa: E402
+from support.upload_client import UploadFixture
 
 SIZE = 3 * (1 << 20) + 12345
 

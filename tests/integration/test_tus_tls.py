@@ -4,16 +4,11 @@ and arrives intact."""
 from __future__ import annotations
 
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from support.tls import self_signed  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
+from support.tls import self_signed
+from support.upload_client import UploadFixture
 
 
 def test_patch_over_tls(storage_proxy_factory, tmp_path):

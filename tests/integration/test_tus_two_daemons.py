@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-import jwt  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
+import jwt
+from support.upload_client import UploadFixture
 
 
 def staging_file(shared: Path, uploads: UploadFixture, token: str) -> Path:

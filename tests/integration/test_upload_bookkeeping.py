@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from upload_client import TUS, UploadFixture  # noqa: E402
+from support.upload_client import TUS, UploadFixture
 
 
 @pytest.fixture

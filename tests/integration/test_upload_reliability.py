@@ -8,29 +8,13 @@ from __future__ import annotations
 import random
 import socket
 import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from upload_client import UploadFixture  # noqa: E402
+from support.upload_client import UploadFixture, open_patch
 
 UPLOADS = 100
 SEED = 20261124
-
-
-def open_patch(port: int, token: str, offset: int, length: int) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    head = (
-        f"PATCH /upload?token={token} HTTP/1.1\r\nHost: proxy\r\nTus-Resumable: 1.0.0\r\n"
-        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
-        f"Content-Length: {length}\r\n\r\n"
-    )
-    s.sendall(head.encode())
-    return s
 
 
 def drop(s: socket.socket, rng: random.Random) -> None:

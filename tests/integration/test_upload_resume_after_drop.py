@@ -12,16 +12,11 @@ import fcntl
 import random
 import socket
 import struct
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
+from support.upload_client import UploadFixture, open_patch
 
-from test_upload_reliability import open_patch  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
-
-from storage.uploads import staging_path  # noqa: E402
+from storage.uploads import staging_path
 
 SIZE = 12 << 20
 ROUNDS = 2  # per way of dropping; each round is one upload

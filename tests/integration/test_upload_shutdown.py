@@ -4,14 +4,10 @@ period for the upload, and the bytes received are kept for the resume."""
 from __future__ import annotations
 
 import socket
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-import jwt  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
+import jwt
+from support.upload_client import UploadFixture
 
 
 def test_sigterm_mid_patch_keeps_the_bytes_and_stops_promptly(storage_proxy):

@@ -23,12 +23,9 @@ from typing import Any
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from support.redis import REDIS_SERVER, RedisServer  # noqa: E402
-from support.redis import SKIP_REASON as REDIS_SKIP  # noqa: E402
-from upload_client import UploadFixture  # noqa: E402
+from support.redis import REDIS_SERVER, RedisServer
+from support.redis import SKIP_REASON as REDIS_SKIP
+from support.upload_client import UploadFixture
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("STORAGE_PROXY_WORKERS"),

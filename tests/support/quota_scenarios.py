@@ -10,7 +10,6 @@ Every scenario makes its own vfolder in its own quota scope.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,11 +18,8 @@ from typing import Any
 import jwt
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "web"))
-
-from upload_client import TUS, UploadFixture  # noqa: E402
-
-from storage.quota import RECORD_MARGIN  # noqa: E402
+from storage.quota import RECORD_MARGIN
+from support.upload_client import TUS, UploadFixture
 
 MiB = 1 << 20
 

@@ -10,7 +10,7 @@ import os
 import socket
 
 import pytest_twisted
-from tus_harness import ManualPool, TusHarness
+from support.tus_harness import ManualPool, TusHarness
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 

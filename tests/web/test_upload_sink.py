@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tus_harness import OCTETS, Connection, ManualPool, TusHarness
+from support.tus_harness import OCTETS, Connection, ManualPool, TusHarness
 from twisted.internet.defer import Deferred
 
 from storage.uploads import read_state, staging_path

@@ -4,6 +4,7 @@ make a vfolder and an upload token through the manager API, talk tus with
 
 from __future__ import annotations
 
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -56,3 +57,14 @@ class UploadFixture:
         h = dict(TUS, **{"Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)})
         h.update(headers)
         return requests.patch(self.upload_url(token), data=body, headers=h, timeout=60)
+
+
+def open_patch(port: int, token: str, offset: int, length: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"PATCH /upload?token={token} HTTP/1.1\r\nHost: proxy\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    )
+    s.sendall(head.encode())
+    return s
