@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from storage.config import ConfigError
+from storage.errors import ConfigError
 
 VFS = "vfs_storage"
 OBJECT_STORAGE = "object_storage"

@@ -24,6 +24,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+# ConfigError lives in storage.errors (a leaf), so the parsers in artifact_config and
+# events.settings need not import this module back; it is still storage.config.ConfigError.
+from storage.errors import ConfigError as ConfigError
 from storage.fs.atomic import write_atomic
 
 KNOWN_BACKENDS = ("vfs", "xfs", "cephfs", "purestorage")
@@ -37,15 +40,6 @@ CONFIG_SEARCH_PATH = (
 
 DEFAULT_DATA_ROOT = Path("vfroot")
 SECRETS_FILE_NAME = ".storage-proxy-secrets.toml"
-
-
-class ConfigError(Exception):
-    """One invalid setting: ``str(exc)`` is the whole message for the operator."""
-
-    def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"config: {key}: {problem}")
-        self.key = key
-        self.problem = problem
 
 
 DEFAULT_LISTEN_BACKLOG = 4096

@@ -24,6 +24,19 @@ from __future__ import annotations
 import errno
 from typing import Any
 
+
+class ConfigError(Exception):
+    """One invalid setting: ``str(exc)`` is the whole message for the operator.
+
+    Raised at start-up, never answered over HTTP; it lives here (importable
+    as ``storage.config.ConfigError`` too) so that ``storage.config``'s helper
+    modules (``artifact_config``, ``events.settings``) need not import it back."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config: {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
 PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from storage.errors import ConfigError
 from storage.events.encoding import DEFAULT_FORMAT, FORMATS
 
 
@@ -45,7 +46,6 @@ class RedisSettings:
 
 
 def _error(key: str, problem: str) -> Exception:
-    from storage.config import ConfigError
 
     return ConfigError(f"[redis] {key}", problem)
 
@@ -93,7 +93,6 @@ def parse_redis(root: dict[str, Any]) -> RedisSettings | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        from storage.config import ConfigError
 
         raise ConfigError("[redis]", f"expected a table, got {type(raw).__name__}")
     table = {k.replace("_", "-"): v for k, v in raw.items()}
@@ -165,7 +164,6 @@ def parse_etcd(root: dict[str, Any]) -> EtcdSettings | None:
     raw = root.get("etcd")
     if raw is None or root.get("redis") is not None:
         return None
-    from storage.config import ConfigError
 
     if not isinstance(raw, dict):
         raise ConfigError("[etcd]", f"expected a table, got {type(raw).__name__}")
