@@ -41,13 +41,13 @@ log = Logger()
 FILE_NAME = "tasks.journal"
 
 
-def _load(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Blocking: the start records without an end (latest per task), the file reopened."""
+def read_unfinished(path: Path) -> list[dict[str, Any]]:
+    """Blocking: the start records without an end (latest per task); [] without a file."""
     starts: dict[str, dict[str, Any]] = {}
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        data = b""
+        return []
     for line in data.split(b"\n"):
         if not line.strip():
             continue
@@ -59,8 +59,13 @@ def _load(path: Path) -> tuple[list[dict[str, Any]], int]:
                 starts[str(record["start"])] = record
         except (ValueError, KeyError, TypeError):
             log.warn("task journal {path}: skipping a damaged line", path=str(path))
-    unfinished = list(starts.values())
-    if data:
+    return list(starts.values())
+
+
+def _load(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Blocking: ``read_unfinished``, the file rewritten with only those and reopened."""
+    unfinished = read_unfinished(path)
+    if path.exists() and path.stat().st_size:
         rewrite_lines(path, [encode_line(r) for r in unfinished])
     return unfinished, open_append(path)
 

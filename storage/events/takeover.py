@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import socket
 import time
@@ -142,31 +141,11 @@ def probe(state_dir: Path) -> Orphan | None:
                 events.append(Event.from_json(raw))
             except (ValueError, KeyError, TypeError):
                 log.warn("takeover: {path}: dropping an unreadable event {seq}", path=str(outbox_path), seq=seq)
-        tasks = _read_journal(journal_path)
+        tasks = j.read_unfinished(journal_path)
     except BaseException:
         os.close(fd)
         raise
     return Orphan(state_dir, fd, tasks, events, ended)
-
-
-def _read_journal(path: Path) -> list[dict[str, Any]]:
-    starts: dict[str, dict[str, Any]] = {}
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    for line in data.split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if "end" in record:
-                starts.pop(str(record["end"]), None)
-            elif "start" in record:
-                starts[str(record["start"])] = record
-        except (ValueError, KeyError, TypeError):
-            log.warn("takeover: {path}: skipping a damaged line", path=str(path))
-    return list(starts.values())
 
 
 def settle(orphan: Orphan) -> None:
