@@ -5,6 +5,7 @@ Every function blocks: callers run them in the blocking pool.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -16,7 +17,13 @@ from storage.fs.atomic import fsync_dir, write_atomic
 
 
 def rewrite_lines(path: Path, lines: list[bytes]) -> None:
-    """Blocking: replace ``path`` atomically (and durably) with ``lines``."""
+    """Blocking: replace ``path`` atomically (and durably) with ``lines``.
+
+    Called when the file is loaded, before anything else writes it: the temp
+    files of a rewrite that a kill interrupted are removed first.
+    """
+    for stale in path.parent.glob(glob.escape(path.name) + ".*tmp"):
+        stale.unlink(missing_ok=True)
     write_atomic(path, lines)
 
 

@@ -94,3 +94,17 @@ def test_journal_keeps_unfinished_tasks_and_counts_attempts(tmp_path: Path) -> N
     now(j2.close())
     j3 = TaskJournal(tmp_path / "tasks.journal", SyncPool())
     assert [r["attempt"] for r in now(j3.load())] == [2]
+
+
+def test_a_reload_removes_the_temp_files_of_an_interrupted_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "events.outbox"
+    box = Outbox(path, SyncPool())
+    now(box.load())
+    now(box.append(event(1)))
+    now(box.close())
+    (tmp_path / "events.outbox.4242.abcd0123.0.tmp").write_bytes(b"half")
+    (tmp_path / "events.outbox.tmp").write_bytes(b"older daemon")
+    again = Outbox(path, SyncPool())
+    assert [e.to_json() for _, e in now(again.load())] == [event(1).to_json()]
+    now(again.close())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.outbox"]
