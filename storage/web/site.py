@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Site
 
 from storage.web.connections import ConnectionGuard, RefusedConnection
@@ -28,6 +30,39 @@ from storage.web.streaming import BodyHandler, StreamingRequest
 UPLOAD_READ_SIZE = 1 << 20
 
 log = Logger()
+
+
+PROBLEM_BASE = "https://api.backend.ai/probs/storage/"
+
+
+class StorageChannel(HTTPChannel):
+    """twisted.web's channel, answering what it refuses before a request exists with problem+json.
+
+    A request line or header line over ``MAX_LENGTH`` (16 KiB) was a connection
+    closed without an answer (``LineReceiver``'s default); headers over
+    ``totalHeadersSize`` or a malformed request line a bare ``400`` without a body.
+    """
+
+    def _problem_and_disconnect(self, status: int, reason: bytes, slug: str, title: str, msg: str) -> None:
+        body = json.dumps({"type": PROBLEM_BASE + slug, "title": title, "msg": msg,
+                           "error_code": "storage-proxy_request_bad-request"}).encode()
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, reason, len(body), body))
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        if getattr(self, "_HTTPChannel__first_line", 0) == 1:
+            self._problem_and_disconnect(414, b"URI Too Long", "uri-too-long", "URI Too Long",
+                                         f"the request line is longer than {self.MAX_LENGTH} bytes")
+        else:
+            self._problem_and_disconnect(431, b"Request Header Fields Too Large", "headers-too-large",
+                                         "Request Header Fields Too Large",
+                                         f"a header line is longer than {self.MAX_LENGTH} bytes")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802 - twisted's name
+        self._problem_and_disconnect(400, b"Bad Request", "bad-request", "Bad Request",
+                                     "the request line or headers are malformed or too large")
 
 
 class StorageSite(Site):
@@ -67,6 +102,9 @@ class StorageSite(Site):
         protocol = super().buildProtocol(addr)
         guard.watch(protocol, addr)
         return protocol
+
+    def protocol(self) -> Any:  # type: ignore[override]  # twisted's factory function, with our channel
+        return _GenericHTTPChannelProtocol(StorageChannel())
 
     def request_started(self, request: Any) -> None:
         if request in self.in_flight:
