@@ -47,8 +47,8 @@ UPLOAD_PATHS = (
 )
 
 
-_STORAGE_PATH = {"type": "string", "minLength": 1,
-                 "description": "a path inside the artifact storage (no '..', not absolute)"}
+_STORAGE_PATH = {"type": "string",
+                 "description": "a path inside the artifact storage (no '..', not absolute; '' is its root)"}
 
 
 @p.with_schema(_STORAGE_PATH)
@@ -225,9 +225,11 @@ async def await_upload(request: Any) -> Any:
 
 FILEPATH = {"type": "object", "required": ["filepath"], "properties": {"filepath": {"type": "string"}}}
 FILES = {"type": "object", "required": ["files"], "properties": {"files": {"type": "array"}}}
+# The file is the first part with a filename, whatever its name; filepath (or key) a form
+# field before it or the query parameter; other parts are ignored.
 MULTIPART = {"multipart/form-data": {"schema": {
     "type": "object", "properties": {"filepath": {"type": "string"}, "file": {"type": "string", "format": "binary"}},
-    "required": ["file"]}}}
+    "description": "the file is the first part with a filename; filepath (or key) a field before it or in the query"}}}
 
 
 @api_route(VFS + "/<storage_name>/files", "GET", name=VFS + "/<storage_name>/files",
@@ -274,7 +276,8 @@ async def vfs_upload_file(self: ManagerAPI, request: Any, storage_name: str) -> 
 
 @api_route(VFS + "/<storage_name>/download", "POST", name=VFS + "/<storage_name>/download",
            body=(Field("filepath", _filepath),), allow_extra=True, errors=(404,),
-           responses={200: Response("the file, or a directory as a tar stream", BINARY, "application/octet-stream")},
+           responses={200: Response("the file (its type guessed from its name), or a directory as a tar stream",
+                                    BINARY, "application/octet-stream", also=("application/x-tar", "*/*"))},
            summary="download a file (a directory as tar)")
 async def vfs_download_file(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
     args = self._params(request)

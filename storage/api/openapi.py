@@ -40,6 +40,7 @@ class Response:
     schema: dict[str, Any] | None = None  # None: no body
     content_type: str = "application/json"
     headers: tuple[str, ...] = ()  # names declared in HEADERS
+    also: tuple[str, ...] = ()  # more media types of the same body (a guessed type: "*/*")
 
 
 def returns(schema: dict[str, Any], description: str = "success") -> Response:
@@ -207,6 +208,7 @@ ERROR_DESCRIPTIONS = {
     409: "already exists, or (tus) an Upload-Offset that is not the upload's offset",
     412: "an unsupported Tus-Resumable",
     413: "a request body over the configured cap, or (tus) past Upload-Length or Tus-Max-Size",
+    414: "a request line over 16 KiB",
     415: "a wrong Content-Type",
     416: "a Range outside the file",
     422: "nothing of the batch succeeded",
@@ -228,7 +230,7 @@ def _header_objects(names: Iterable[str]) -> dict[str, Any]:
 def _response_object(response: Response) -> dict[str, Any]:
     out: dict[str, Any] = {"description": response.description}
     if response.schema is not None:
-        out["content"] = {response.content_type: {"schema": response.schema}}
+        out["content"] = {t: {"schema": response.schema} for t in (response.content_type, *response.also)}
     if response.headers:
         out["headers"] = _header_objects(response.headers)
     return out
@@ -315,6 +317,8 @@ def _operation(route: Route, *, error_headers: Sequence[str] = ()) -> dict[str, 
         errors.add(403)
     if route.body is not None or route.request_content is not None:
         errors.update((400, 413))
+    if route.query or route.path_params:
+        errors.add(414)  # a request line over 16 KiB (storage.web.site.StorageChannel)
     for code in sorted(errors):
         responses.setdefault(str(code), _problem_response(code, error_headers))
     op["responses"] = responses

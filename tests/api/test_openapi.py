@@ -77,6 +77,12 @@ async def test_the_manager_document_is_behind_the_auth_and_lists_every_route(man
     assert doc["paths"]["/folder/create"]["post"]["security"] == [{"manager-secret": []}]
     problem = doc["components"]["schemas"]["Problem"]
     assert "error_code" in problem["required"]
+    # Every link (the stateful phase follows them) names an operation of the document.
+    operation_ids = {op["operationId"] for ops in doc["paths"].values() for op in ops.values()}
+    links = [link for ops in doc["paths"].values() for op in ops.values()
+             for response in op["responses"].values() for link in response.get("links", {}).values()]
+    assert len(links) >= 10
+    assert {link["operationId"] for link in links} <= operation_ids
 
 
 @pytest_twisted.ensureDeferred
