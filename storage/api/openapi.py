@@ -430,4 +430,19 @@ CLIENT_ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/upload", auth=False, query=("token", "dst_dir"), required_query=("token",), headers=("Tus-Resumable",),
           responses={204: Response("terminated", None, headers=("Tus-Resumable",))}, errors=_TUS_ERRORS,
           summary="tus termination"),
+    # A partial upload of the concatenation extension, created by POST /upload with Upload-Concat: partial.
+    Route("OPTIONS", "/upload/<upload_id>", auth=False, responses={204: Response("tus discovery", None, headers=(
+          "Tus-Resumable", "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm"))},
+          summary="tus discovery"),
+    Route("HEAD", "/upload/<upload_id>", auth=False, query=("token",), required_query=("token",),
+          headers=("Tus-Resumable",), responses={200: Response("the partial upload's state", None, headers=_TUS_STATE)},
+          errors=_TUS_ERRORS, summary="tus: a partial upload's offset"),
+    Route("PATCH", "/upload/<upload_id>", auth=False, query=("token",), required_query=("token",),
+          headers=("Tus-Resumable", "Upload-Offset", "Upload-Checksum"),
+          request_content={"application/offset+octet-stream": {"schema": BINARY}},
+          responses={204: Response("the bytes are stored", None, headers=_TUS_STATE)}, errors=_TUS_ERRORS,
+          summary="tus: append bytes to a partial upload"),
+    Route("DELETE", "/upload/<upload_id>", auth=False, query=("token",), required_query=("token",),
+          headers=("Tus-Resumable",), responses={204: Response("terminated", None, headers=("Tus-Resumable",))},
+          errors=_TUS_ERRORS, summary="tus termination of a partial upload"),
 )

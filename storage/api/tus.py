@@ -367,6 +367,8 @@ class TusUploads:
         if method not in (b"OPTIONS", b"PATCH", b"HEAD", b"DELETE", b"POST"):
             # Before the token and Tus-Resumable: a GET is 405, whatever its query.
             raise MethodNotAllowed(f"{method.decode('latin-1')} is not a tus method")
+        if method == b"POST" and rest:
+            raise MethodNotAllowed("create uploads at /upload")
         if method == b"OPTIONS":
             return self.options(request)
         if method == b"PATCH":
@@ -447,8 +449,6 @@ class TusUploads:
 
     async def create(self, request: Any, ref: UploadRef) -> bytes:
         """POST: creation (of the token's upload), or concatenation (partial / final)."""
-        if ref.partial:
-            raise MethodNotAllowed("create uploads at /upload")
         concat = header(request, b"Upload-Concat")
         if header(request, b"Upload-Defer-Length") is not None:
             raise InvalidAPIParameters.field("Upload-Defer-Length", "not supported: send Upload-Length")

@@ -675,3 +675,13 @@ def test_a_method_tus_does_not_have_is_405_before_the_token_is_looked_at(h, toke
     assert r.status == 405, (r.status, r.body)
     assert r.header("Allow") == "OPTIONS, HEAD, PATCH, POST, DELETE"
     assert json.loads(r.body)["error_code"]
+
+
+@pytest.mark.parametrize("token", ["none", "garbage", "valid"])
+def test_post_on_a_partial_upload_url_is_405_before_the_token(h, token):
+    # It was 403 for a bad token and 412 without Tus-Resumable, 405 only past both.
+    valid, session = h.new_upload(10)
+    query = {"none": "", "garbage": "?token=x", "valid": f"?token={valid}"}[token]
+    r = h.request("POST", f"/upload/{session}{query}", {"Upload-Length": "10"})
+    assert r.status == 405, (r.status, r.body)
+    assert json.loads(r.body)["error_code"]

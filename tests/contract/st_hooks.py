@@ -100,7 +100,7 @@ def before_call(context: Any, case: Any, kwargs: Any) -> None:
     if isinstance(params, dict) and isinstance(params.get("storage_name"), str) and _often():
         params["storage_name"] = _env("ST_ARTIFACT_STORAGE")
     query = case.query
-    if op.path in ("/download", "/download-archive", "/upload") and isinstance(query, dict) and "token" in query:
+    if op.path.startswith(("/download", "/upload")) and isinstance(query, dict) and "token" in query:
         if _often():
             query["token"] = _token_for(op.method.upper(), op.path)
 
