@@ -117,3 +117,14 @@ def _token_for(method: str, path: str) -> str:
     relpath = f"uploads/{uuid.uuid4().hex}/f.bin"
     return str(_manager("/folder/file/upload", {"volume": volume, "vfid": vfid, "relpath": relpath,
                                                  "size": 16})["token"])
+
+
+@schemathesis.check
+def no_html_bodies(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Every answer of ours is JSON, problem+json, bytes or nothing: never an HTML page
+    (twisted.web's and Klein's defaults), whatever was asked, also for undocumented methods."""
+    content_type = (response.headers.get("content-type") or [""])[0].lower()
+    body = response.content or b""
+    if "html" in content_type or body.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        raise AssertionError(f"an HTML answer ({response.status_code}, {content_type!r}): {body[:200]!r}")
+    return None
