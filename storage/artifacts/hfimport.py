@@ -449,6 +449,8 @@ class S3Target:
     def _find_unfinished(self) -> None:
         """A multipart upload of this key a killed daemon left (the newest; older ones aborted):
         its parts, if they are the whole parts of our part size from the first."""
+        if self.file.size <= self.upload.part_size:  # one PutObject, never a multipart upload to reuse
+            return
         client = self.storage.client
         try:
             answer = client.list_multipart_uploads(Bucket=self.bucket, Prefix=self.key)
