@@ -121,7 +121,8 @@ def test_boolean_words(word: str, upper: bool) -> None:
     assert p.boolean(word.upper() if upper else word) is (word in p._TRUE)
 
 
-@given(json_values.filter(lambda v: not isinstance(v, (bool, int, str))))
+# 0.0 and 1.0 are 0 and 1 in JSON (and in JSON Schema's enum [0, 1]): booleans too.
+@given(json_values.filter(lambda v: not isinstance(v, (bool, int, str)) and not (isinstance(v, float) and v in (0, 1))))
 def test_non_booleans_are_refused(value: Any) -> None:
     with pytest.raises(p.ParamError):
         p.boolean(value)
@@ -209,3 +210,8 @@ def test_integer_text_of_ascii_digits_is_its_value(number: int, pad: str) -> Non
     assert p.integer(f"{pad}{number}{pad}") == number
     if number >= 0:
         assert p.integer(f"+{number}") == number
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0.0, False), (1.0, True), (-0.0, False)])
+def test_the_json_numbers_zero_and_one_are_booleans_also_as_floats(value: float, expected: bool) -> None:
+    assert p.boolean(value) is expected
