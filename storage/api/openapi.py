@@ -9,7 +9,7 @@ declarations (``ROUTES``).  Each field's JSON Schema comes from its converter
 and tus headers by hand (``storage.api.downloads``, ``storage.api.tus``): its
 operations are declared here (``CLIENT_ROUTES``), their parameter schemas
 again from the converters that rule applies (``relpath``, ``boolean``), and
-``tests/schemathesis`` holds the document to what the daemon answers.
+``tests/contract`` (schemathesis) holds the document to what the daemon answers.
 
 See ``docs/openapi.md``.
 """
