@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common import Daemon, rss_bytes
+from common import Daemon, tree_rss_bytes
 
 from storage.config import parse_size
 
@@ -163,7 +163,7 @@ async def run_load(daemon: Daemon, tokens: list[str], bodies: list[bytes], args:
                    out: Outcome, samples: list[int], timeline: list[tuple[float, int, int]]) -> list[bool]:
     async def sampler() -> None:
         while True:
-            samples.append(rss_bytes(daemon.pid))
+            samples.append(tree_rss_bytes(daemon.pid))
             timeline.append((time.monotonic(), samples[-1], out.open_now))
             await asyncio.sleep(0.2)
 
@@ -217,7 +217,7 @@ def run_once(args: argparse.Namespace, workdir: Path, env: dict[str, str], extra
         idle_probe = start_prober(daemon.manager_port, args.probe_interval, 3.0)
         idle_timed, idle_errors = read_prober(idle_probe)
         idle = [lat for _, lat in idle_timed]
-        rss0 = rss_bytes(daemon.pid)
+        rss0 = tree_rss_bytes(daemon.pid)
         before = netstat()
         out = Outcome()
         samples: list[int] = []
@@ -254,7 +254,7 @@ def run_once(args: argparse.Namespace, workdir: Path, env: dict[str, str], extra
               f"waves of {args.wave} every {args.wave_gap * 1000:.0f} ms; {elapsed:.1f} s; peak open {out.open_peak}")
         print(f"  uploads: completed {out.completed}, reset {out.reset}, failed {out.failed}, "
               f"byte mismatch {out.mismatched} {out.errors or ''}")
-        print(f"  daemon RSS: {rss0 / 2**20:.0f} MiB idle, {steady / 2**20:.0f} MiB while all are open "
+        print(f"  daemon RSS (with its workers): {rss0 / 2**20:.0f} MiB idle, {steady / 2**20:.0f} MiB while all are open "
               f"({steady_per_conn:.1f} KiB per connection), peak {peak / 2**20:.0f} MiB "
               f"({per_conn:.1f} KiB per connection)")
         deltas = {name: after.get(name, 0) - before.get(name, 0) for name in COUNTERS}

@@ -72,6 +72,21 @@ def rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmRSS") * 1024
 
 
+def tree_rss_bytes(pid: int) -> int:
+    """The RSS of ``pid`` and its children (a daemon and its num-proc workers)."""
+    total = rss_bytes(pid)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                total += rss_bytes(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def peak_rss_bytes(pid: int) -> int:
     return _status_kib(pid, "VmHWM") * 1024
 
