@@ -275,9 +275,13 @@ async def vfs_upload_file(self: ManagerAPI, request: Any, storage_name: str) -> 
 
 
 @api_route(VFS + "/<storage_name>/download", "POST", name=VFS + "/<storage_name>/download",
-           body=(Field("filepath", _filepath),), allow_extra=True, errors=(404,),
+           body=(Field("filepath", _filepath),), allow_extra=True, errors=(404, 412, 416),
            responses={200: Response("the file (its type guessed from its name), or a directory as a tar stream",
-                                    BINARY, "application/octet-stream", also=("application/x-tar", "*/*"))},
+                                    BINARY, "application/octet-stream", also=("application/x-tar", "*/*"),
+                                    headers=("Accept-Ranges", "ETag", "Last-Modified")),
+                      206: Response("ours: a file's range (Range, If-Range: a reservoir import resuming it)",
+                                    BINARY, "application/octet-stream", also=("*/*",),
+                                    headers=("Accept-Ranges", "ETag", "Last-Modified", "Content-Range"))},
            summary="download a file (a directory as tar)")
 async def vfs_download_file(self: ManagerAPI, request: Any, storage_name: str) -> bytes:
     args = self._params(request)
