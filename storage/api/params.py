@@ -187,6 +187,8 @@ def _kind(value: Any) -> str:
 
 # What the converters accept, in JSON Schema's terms (ECMA-262 patterns).
 BLANKS = " \t\n\r"  # what integer and boolean texts may be padded with
+# What str.isspace() (and so str.strip()) takes for white space, as a character class.
+PY_SPACE = "[\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 _WS = "[ \\t\\n\\r]*"
 QUOTA_SCOPE_PATTERN = f"({'|'.join(QUOTA_SCOPE_TYPES)}):{UUID_PATTERN}"
 _INTEGER_TEXT = re.compile("[+-]?[0-9]{1,40}")
@@ -369,7 +371,7 @@ def file_name(value: Any) -> str:
 
 @with_schema({"anyOf": [
     {"type": "string", "maxLength": 255, "pattern": "^[^/\\\\\\u0000-\\u001f\\u007f]*$",
-     "not": {"anyOf": [{"enum": [".", ".."]}, {"pattern": "^[ \\t\\n\\r\\u000b\\u000c]*$"}]}},
+     "not": {"anyOf": [{"enum": [".", ".."]}, {"pattern": f"^{PY_SPACE}*$"}]}},
     {"type": "null"},
 ]})
 def archive_filename(value: Any) -> str | None:

@@ -171,7 +171,8 @@ CONVERTERS = {
     "vfolder_id": (p.vfolder_id, ids),
     "quota_scope_id": (p.quota_scope_id, ids),
     "file_name": (p.file_name, st.one_of(texts, st.sampled_from([".", "..", "a/b", "a\x00", "x" * 256]))),
-    "archive_filename": (p.archive_filename, st.one_of(texts, st.none(), st.sampled_from([".", " ", "a\\b"]))),
+    "archive_filename": (p.archive_filename, st.one_of(
+        texts, st.none(), st.sampled_from([".", " ", "a\\b", "\xa0", "\u3000 \u2000", "a\xa0"]))),
 }
 
 
@@ -226,6 +227,13 @@ def test_the_query_boolean_schema_is_what_downloads_accept() -> None:
         assert accepted == validator.is_valid(value), value
 
     check()
+
+
+def test_py_space_is_what_str_strip_strips() -> None:
+    # archive_filename refuses a name that strip() empties; its schema says so with PY_SPACE.
+    pattern = re.compile(p.PY_SPACE)
+    assert [i for i in range(0x110000) if pattern.fullmatch(chr(i))] == [
+        i for i in range(0x110000) if chr(i).isspace()]
 
 
 def test_every_declared_field_has_a_valid_schema() -> None:
