@@ -421,14 +421,19 @@ class VfsVolume(AbstractVolume):
             fs = await dst_volume.get_fs_usage()
             if count.bytes > fs.capacity_bytes - fs.used_bytes:
                 raise InsufficientStorage("Not enough space available for clone.", paths=["."])
-        dst_qsid = dst_vfid.quota_scope_id
-        if dst_qsid is not None:
-            # The daemon's own check of the destination scope (storage.quota).
-            await self.pool.run(quota.check_fits, dst_volume, dst_qsid, count.bytes, "the clone")
-        await dst_volume.create_vfolder(dst_vfid, src_mode, auto_create_quota_scope=True)
+        # The daemon's own check of the destination scope (storage.quota): the
+        # clone's bytes are held there while it runs.
+        hold = quota.Hold(dst_volume, dst_vfid.quota_scope_id, count.bytes, "the clone")
+        await self.pool.run(hold.acquire)
+        try:
+            await dst_volume.create_vfolder(dst_vfid, src_mode, auto_create_quota_scope=True)
+        except BaseException:
+            await self.pool.run(hold.release, 0)
+            raise
         try:
             await self._run_to_end(progress, self._copy_vfolder, src_vfid, dst_volume, dst_vfid, progress)
         except BaseException as exc:
+            await self.pool.run(hold.release, 0)
             if not isinstance(exc, (CancelledError, StorageError, TaskCancelled)):
                 log.failure("clone {src} -> {dst} failed", src=src_vfid, dst=dst_vfid)
             try:
@@ -437,8 +442,7 @@ class VfsVolume(AbstractVolume):
                 log.failure("clone {src} -> {dst}: cannot remove the partial copy", src=src_vfid, dst=dst_vfid)
             raise
         else:
-            if dst_qsid is not None:
-                await self.pool.run(quota.record_written, dst_volume, dst_qsid, count.bytes)
+            await self.pool.run(hold.release)
         finally:
             dst_volume.invalidate_usage(dst_vfid)
 
@@ -740,27 +744,34 @@ class VfsVolume(AbstractVolume):
                 if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                     raise OSError(errno.EINVAL, "Not a regular file")
                 target_rel = self._destination(root_fd, real_root, dst, "dst_relpath", src_rel.name)
-                qsid = vfid.quota_scope_id
-                size = st.st_size if stat.S_ISREG(st.st_mode) else 0
-                if qsid is not None:
-                    quota.check_fits(self, qsid, size, "the copy")
-                if target_rel.parent != PurePosixPath("."):
-                    self._mkdir(vfid, str(target_rel.parent), True, True)
-                tdir, tname = open_parent(root_fd, target_rel)
-                with _fd(tdir):
-                    tmp = f".{tname[:200]}.{secrets.token_hex(6)}.copying"
-                    if stat.S_ISLNK(st.st_mode):
-                        tree.copy_symlink_at(sdir, sname, tdir, tmp, st, owner=tree._preserve_owner())
-                    else:
-                        tree.copy_file_at(sdir, sname, tdir, tmp)
-                    try:
-                        os.rename(tmp, tname, src_dir_fd=tdir, dst_dir_fd=tdir)
-                    except BaseException:
-                        with contextlib.suppress(OSError):
-                            os.unlink(tmp, dir_fd=tdir)
-                        raise
-                if qsid is not None:
-                    quota.record_written(self, qsid, size)
+                # The copy's bytes are held in the quota scope while it runs.
+                hold = quota.Hold(self, vfid.quota_scope_id, st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                                  "the copy").acquire()
+                try:
+                    self._copy_into(vfid, root_fd, sdir, sname, st, target_rel)
+                except BaseException:
+                    hold.release(0)
+                    raise
+                hold.release()
+
+    def _copy_into(self, vfid: VFolderID, root_fd: int, sdir: int, sname: str, st: os.stat_result,
+                   target_rel: PurePosixPath) -> None:
+        """The copy under a temporary name beside the target, then renamed onto it."""
+        if target_rel.parent != PurePosixPath("."):
+            self._mkdir(vfid, str(target_rel.parent), True, True)
+        tdir, tname = open_parent(root_fd, target_rel)
+        with _fd(tdir):
+            tmp = f".{tname[:200]}.{secrets.token_hex(6)}.copying"
+            if stat.S_ISLNK(st.st_mode):
+                tree.copy_symlink_at(sdir, sname, tdir, tmp, st, owner=tree._preserve_owner())
+            else:
+                tree.copy_file_at(sdir, sname, tdir, tmp)
+            try:
+                os.rename(tmp, tname, src_dir_fd=tdir, dst_dir_fd=tdir)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=tdir)
+                raise
 
     async def delete_files(
         self, vfid: VFolderID, relpaths: list[str], *, recursive: bool = False,

@@ -55,9 +55,12 @@ from storage.errors import InsufficientStorage
 
 QUOTA_DIR = Path(".storage-proxy") / "quota"
 # Kept free by every grant: the upload's state file needs a block of its own
-# while it is replaced (write a new file, rename it over the old one).
+# while it is replaced (write a new file, rename it over the old one).  A
+# volume's figure may ask for more (``ScopeFigure.margin``; XFS: 64 KiB).
 RECORD_MARGIN = 4096
+XFS_RECORD_MARGIN = 256 << 10
 LEDGER_MAX_LINES = 256
+HOLD_SUFFIX = ".hold"
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class ScopeFigure:
     # True: ``used`` counts allocated blocks (XFS), so speculative
     # preallocation past the end of a staging file is in it too.
     blocks: bool = False
+    # What each writer keeps free for its state file (RECORD_MARGIN).  XFS
+    # needs more than the block itself: a delayed allocation also reserves
+    # the worst case of its extent tree, so one free block is not enough.
+    margin: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class Room:
     limit: int
     used: int
     reserved: int
+    # The figure counts blocks (XFS): grants are best reserved as blocks too.
+    blocks: bool = False
+    margin: int = 0
 
     @property
     def left(self) -> int:
@@ -89,7 +99,7 @@ class Room:
 
     @property
     def grantable(self) -> int:
-        return max(0, self.left - RECORD_MARGIN)
+        return max(0, self.left - max(RECORD_MARGIN, self.margin))
 
 
 def quota_dir(volume: Any) -> Path:
@@ -166,7 +176,7 @@ def _read_grants(volume: Any, qsid: Any) -> list[tuple[_Grant, os.stat_result]]:
         return []
     out = []
     for name in names:
-        if name.endswith(".tmp"):
+        if name.endswith((".tmp", HOLD_SUFFIX)):
             continue
         path = gdir / name
         try:
@@ -183,6 +193,9 @@ def _read_grants(volume: Any, qsid: Any) -> list[tuple[_Grant, os.stat_result]]:
             # (a HEAD recovering bytes) counts: that errs on the safe side.
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            if grant is not None and grant.staging.endswith(HOLD_SUFFIX) and Path(grant.staging).parent == gdir:
+                with contextlib.suppress(OSError):
+                    os.unlink(grant.staging)  # a dead copy's own lock file
             continue
         try:
             st = os.stat(grant.staging, follow_symlinks=False)
@@ -264,7 +277,36 @@ def room(volume: Any, qsid: Any, *, exclude: str | None = None, fig: ScopeFigure
             reserved += max(0, grant.until - max(size, grant.start))
     if not fig.live:
         used += _ledger_recent(volume, qsid, fig.lag, now)
-    return Room(limit=fig.limit, used=max(0, used), reserved=reserved)
+    return Room(limit=fig.limit, used=max(0, used), reserved=reserved, blocks=fig.blocks, margin=fig.margin)
+
+
+FALLOC_FL_KEEP_SIZE = 1
+_libc: Any = None
+
+
+def reserve_blocks(fd: int, offset: int, length: int) -> bool:
+    """Allocate ``length`` bytes of blocks past ``offset`` without changing the
+    file's size (``fallocate(FALLOC_FL_KEEP_SIZE)``), so that the filesystem
+    charges a grant to the quota at once and the writes into it need no
+    allocation of their own: XFS then preallocates nothing speculatively past
+    them (which its quota counts, and which left a full project no block for
+    the upload's state file).  False where it cannot (the writes then simply
+    allocate as they go)."""
+    global _libc
+    if length <= 0:
+        return True
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return _libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+def drop_blocks_past_end(fd: int) -> None:
+    """Give back blocks allocated past the end of the file (a same-size truncate)."""
+    os.ftruncate(fd, os.fstat(fd).st_size)
 
 
 def refusal(qsid: Any, volume: Any, what: str, size: int, r: Room) -> InsufficientStorage:
@@ -285,6 +327,59 @@ def check_fits(volume: Any, qsid: Any, size: int, what: str) -> None:
         r = room(volume, qsid) if limited else None
         if r is not None and size > r.grantable:
             raise refusal(qsid, volume, what, size, r)
+
+
+class Hold:
+    """A reservation for a copy or a clone: ``size`` bytes of the scope are
+    held from ``acquire`` (which refuses with 507 when they do not fit) to
+    ``release``, seen by every daemon as a grant.  The grant's lock file is
+    this hold's own ``<id>.hold``, locked while it is held; the bytes the copy
+    writes meanwhile are counted twice on a live figure (never missed).
+    Blocking, in the pool; ``acquire`` and ``release`` may run in different
+    pool threads."""
+
+    def __init__(self, volume: Any, qsid: Any, size: int, what: str) -> None:
+        self.volume = volume
+        self.qsid = qsid
+        self.size = size
+        self.what = what
+        self.writer: ScopeWriter | None = None
+        self.fd = -1
+
+    def acquire(self) -> Hold:
+        if self.qsid is None or self.size <= 0:
+            return self
+        with scope_lock_if_limited(self.volume, self.qsid) as limited:
+            r = room(self.volume, self.qsid) if limited else None
+            if r is None:
+                return self
+            if self.size > r.grantable:
+                raise refusal(self.qsid, self.volume, self.what, self.size, r)
+            gdir = grants_dir(self.volume, self.qsid)
+            _ensure_dir(gdir)
+            name = f"hold-{os.getpid()}-{os.urandom(6).hex()}"
+            lock = gdir / (name + HOLD_SUFFIX)
+            self.fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            self.writer = ScopeWriter(self.volume, self.qsid, name, lock)
+            self.writer.until = self.size
+            self.writer._write()
+        return self
+
+    def release(self, written: int | None = None) -> None:
+        """``written``: the bytes the copy added (None: all of ``size``)."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            # Never raises: a grant file left behind is not locked any more,
+            # so it counts for nothing (and the next look removes it).
+            try:
+                with contextlib.suppress(OSError):
+                    writer.release(self.size if written is None else written)
+                with contextlib.suppress(OSError):
+                    os.unlink(writer.staging)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 @contextlib.contextmanager
@@ -313,6 +408,11 @@ class ScopeWriter:
         self.until = 0
         self.limited = True
         self.last_room: Room | None = None
+
+    @property
+    def blocks(self) -> bool:
+        """Whether the grant is best reserved as blocks (``reserve_blocks``)."""
+        return self.last_room is not None and self.last_room.blocks
 
     def _path(self) -> Path:
         return grants_dir(self.volume, self.qsid) / self.session

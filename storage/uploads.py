@@ -46,7 +46,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePath
 from typing import Any
 
-from storage import fastio, quota
+from storage import fastio
+from storage import quota as quota_mod
 from storage.errors import (
     InsufficientStorage,
     InvalidAPIParameters,
@@ -282,7 +283,7 @@ async def prepare_upload(
     qsid = getattr(vfid, "quota_scope_id", None)
     if qsid is not None and size > 0:
         # Refused before anything is created when the scope has no room for it.
-        await volume.pool.run(quota.check_fits, volume, qsid, size, "the upload")
+        await volume.pool.run(quota_mod.check_fits, volume, qsid, size, "the upload")
     session = new_session_id()
     vfolder = Path(volume.vfolder_path(vfid))
     # The token's vfolder claims, so a token naming this session elsewhere is refused.
@@ -456,6 +457,10 @@ class UploadWriter:
         self.quota = quota
         self.quota_end = self.offset + want  # where this request's bytes would end
         self.quota_until = quota.acquire(self.offset, want)
+        if quota.blocks:
+            # Blocks a killed writer left allocated past the end go first.
+            quota_mod.drop_blocks_past_end(self.fd)
+            quota_mod.reserve_blocks(self.fd, self.offset, self.quota_until - self.offset)
         return self.quota_until - self.offset
 
     def _quota_room(self, want: int) -> int:
@@ -465,6 +470,8 @@ class UploadWriter:
             return want
         if self.offset >= self.quota_until and want > 0:
             self.quota_until = self.quota.extend(self.offset, max(want, self.quota_end - self.offset))
+            if self.quota.blocks:
+                quota_mod.reserve_blocks(self.fd, self.offset, self.quota_until - self.offset)
         return max(0, min(want, self.quota_until - self.offset))
 
     def quota_refusal(self) -> StorageError:
@@ -733,10 +740,14 @@ class UploadWriter:
     def close(self) -> None:
         if self.quota is not None:
             quota, self.quota = self.quota, None
-            # Before the lock goes: the bytes move from the grant to the
-            # ledger.  A failure here only leaves a grant nobody counts (its
-            # file is not locked) or a ledger short of these bytes until the
-            # filesystem's usage catches up.
+            # Before the lock goes: the blocks reserved and not written go
+            # back, the bytes move from the grant to the ledger.  A failure
+            # here only leaves a grant nobody counts (its file is not locked)
+            # or a ledger short of these bytes until the filesystem's usage
+            # catches up.
+            with contextlib.suppress(OSError):
+                if quota.blocks and self.fd >= 0:
+                    quota_mod.drop_blocks_past_end(self.fd)
             with contextlib.suppress(OSError):
                 quota.release(max(0, self.state.offset - quota.start))
         if self.fd >= 0:

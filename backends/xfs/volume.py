@@ -33,7 +33,7 @@ from storage.errors import (
     QuotaScopeNotFound,
     StorageError,
 )
-from storage.quota import ScopeFigure
+from storage.quota import XFS_RECORD_MARGIN, ScopeFigure
 from storage.vfid import QuotaScopeID, VFolderID
 
 from .client import HelperClient
@@ -264,7 +264,7 @@ class XfsVolume(VfsVolume):
             return None  # no limit, or one the filesystem's size bounds anyway
         block = scope.f_frsize or scope.f_bsize
         return ScopeFigure(limit=scope.f_blocks * block, used=(scope.f_blocks - scope.f_bfree) * block,
-                           live=True, blocks=True)
+                           live=True, blocks=True, margin=XFS_RECORD_MARGIN)
 
     async def update_quota_scope(self, qsid: QuotaScopeID, options: QuotaConfig) -> None:
         name, path = self._project(qsid)

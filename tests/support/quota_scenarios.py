@@ -66,25 +66,27 @@ def assert_quota_problem(r: requests.Response, scope: Scope) -> dict[str, Any]:
     body = r.json()
     assert body["type"].endswith("/insufficient-storage")
     assert body["quota_scope_id"] == scope.qsid
+    assert "size" in body and "left" in body, body
     assert isinstance(body["size"], int) and isinstance(body["left"], int)
     assert body["size"] > body["left"] >= 0
     assert scope.qsid in body["msg"] and str(body["left"]) in body["msg"]
     return body
 
 
-def session_that_cannot_fit(scope: Scope, slack: int) -> None:
+def session_that_cannot_fit(scope: Scope, slack: int, margin: int = RECORD_MARGIN) -> None:
     scope.set_limit(1 * MiB)
     r = scope.request_upload("big.bin", 2 * MiB)
     body = assert_quota_problem(r, scope)
     assert body["error_code"] == "vfolder_execute_unavailable"  # the manager's VFolderOperationFailed
     assert body["size"] == 2 * MiB
-    assert MiB - RECORD_MARGIN - slack <= body["left"] <= MiB - RECORD_MARGIN
+    assert MiB - margin - slack <= body["left"] <= MiB - margin
     assert not (scope.vfolder / ".upload").exists()
     assert os.listdir(scope.vfolder) == []
     assert scope.request_upload("small.bin", MiB // 2).status_code == 200
 
 
-def patch_cut_at_the_limit(scope: Scope, limit: int, size: int, sized: bool, slack: int) -> None:
+def patch_cut_at_the_limit(scope: Scope, limit: int, size: int, sized: bool, slack: int,
+                           margin: int = RECORD_MARGIN) -> None:
     """One PATCH of ``size`` bytes into a scope that has ``limit``: cut there."""
     data = os.urandom(size)
     scope.set_limit(4 * size)
@@ -95,7 +97,7 @@ def patch_cut_at_the_limit(scope: Scope, limit: int, size: int, sized: bool, sla
     r = scope.up.patch(token, 0, body)
     problem = assert_quota_problem(r, scope)
     offset = scope.up.offset(token)
-    assert limit - RECORD_MARGIN - slack <= offset <= limit - RECORD_MARGIN, offset
+    assert limit - margin - slack <= offset <= limit - margin, offset
     assert problem["left"] <= RECORD_MARGIN
     assert scope.staged(token) == data[:offset]  # byte-exact prefix, recorded
     # Nothing more fits: refused before a byte is read, the offset stays.
@@ -116,7 +118,7 @@ def _slow_body(data: bytes, chunk: int = 64 << 10, pause: float = 0.002):
 
 
 def race_for_the_last_bytes(scope: Scope, clients: list[UploadFixture], limit: int, size: int,
-                            slack: int, grants_dir: Path | None = None) -> None:
+                            slack: int, grants_dir: Path | None = None, margin: int = RECORD_MARGIN) -> None:
     """Two uploads of ``size`` (each fits, both do not) PATCH at once."""
     scope.set_limit(limit)
     datas = [os.urandom(size), os.urandom(size)]
@@ -148,7 +150,7 @@ def race_for_the_last_bytes(scope: Scope, clients: list[UploadFixture], limit: i
     # Together they took what was left of the scope, less the record margin:
     # never more; less only by the bookkeeping, which counts too.
     total = sum(offsets)
-    assert limit - RECORD_MARGIN - slack <= total <= limit - RECORD_MARGIN, (total, offsets)
+    assert limit - margin - slack <= total <= limit - margin, (total, offsets)
     if grants_dir is not None:
         assert not any(grants_dir.glob("*.grants/*"))  # no grant outlives its PATCH
 
