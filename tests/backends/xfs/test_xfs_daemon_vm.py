@@ -162,7 +162,15 @@ async def test_quota_scopes_through_an_unprivileged_daemon(unprivileged_daemon):
     # (HEAD reports them as the offset to resume from).
     await api.unset_quota("xfs", qsid)
     await api.update_quota_scope("xfs", qsid, 6 * MiB)
+    # A session that cannot fit in what is left is refused, nothing made
+    # (the daemon's own check, storage.quota); one made while it fitted gets
+    # its PATCH cut at the limit.
+    with pytest.raises(ManagerAPIError) as info:
+        await api.upload_token("xfs", vfid, "upload.bin", 8 * MiB)
+    assert info.value.status == 507
+    await api.update_quota_scope("xfs", qsid, 16 * MiB)
     token = await api.upload_token("xfs", vfid, "upload.bin", 8 * MiB)
+    await api.update_quota_scope("xfs", qsid, 6 * MiB)
     url = f"{daemon.client_url}/upload?token={token}"
     tus = {"Tus-Resumable": "1.0.0"}
     response = await treq.patch(url, data=b"\x33" * (8 * MiB), headers={
