@@ -737,6 +737,8 @@ class UploadWriter:
         self.offset = self.start
         return self.state
 
+    lock_fd = -1  # the read-only descriptor that holds the flock (open_writer)
+
     def close(self) -> None:
         if self.quota is not None:
             quota, self.quota = self.quota, None
@@ -751,8 +753,11 @@ class UploadWriter:
             with contextlib.suppress(OSError):
                 quota.release(max(0, self.state.offset - quota.start))
         if self.fd >= 0:
-            os.close(self.fd)  # releases the flock
+            os.close(self.fd)
             self.fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)  # releases the flock
+            self.lock_fd = -1
 
 
 def _split_bytes(buffers: Sequence[Any], count: int) -> tuple[list[Any], list[Any]]:
@@ -784,16 +789,22 @@ def open_writer(
     ``check`` sees the state under the lock before anything else is done
     with it (no recovery, no offset check) and raises to refuse the request.
     """
+    # The lock is taken through a read-only descriptor and the file opened for
+    # writing only once it is held: on CephFS a second client opening the file
+    # for writing (a refused PATCH, a HEAD) would make the MDS take the
+    # writer's buffered-write caps away in the middle of its PATCH.
+    path = staging_path(vfolder, session)
     try:
-        fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        lock_fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         state = read_state(vfolder, session)
         if state is not None and state.completed:
             raise UploadCompleted() from None
         raise UploadNotFound() from None
+    fd = -1
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UploadBusy() from None
         # Read the state only under the lock: the last writer may just have moved it on.
@@ -804,13 +815,23 @@ def open_writer(
             check(state)
         if state.completed:
             raise UploadCompleted()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise UploadNotFound() from None
+        if os.fstat(fd).st_ino != os.fstat(lock_fd).st_ino:
+            raise UploadBusy()  # replaced (terminated and created again) meanwhile
         state = recover_staged_bytes(vfolder, fd, state)
         if expected_offset is not None and expected_offset != state.offset:
             raise OffsetMismatch(state.offset)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+        os.close(lock_fd)
         raise
-    return UploadWriter(vfolder, state, fd)
+    writer = UploadWriter(vfolder, state, fd)
+    writer.lock_fd = lock_fd
+    return writer
 
 
 UNVERIFIED = "unverified_from"
@@ -1202,8 +1223,10 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
         raise UploadNotFound()
     if state.completed:
         return state
+    path = staging_path(vfolder, session)
     try:
-        fd = os.open(staging_path(vfolder, session), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # Read-only until the lock is ours (see open_writer: no write open beside a writer).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         state = read_state(vfolder, session)  # completed (moved) just now?
         if state is not None and state.completed:
@@ -1219,7 +1242,14 @@ def upload_status(vfolder: Path, session: str) -> UploadState:
         state = read_state(vfolder, session) or state
         if state.completed:
             return state
-        return recover_staged_bytes(vfolder, fd, state)
+        try:
+            wfd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            return read_state(vfolder, session) or state
+        try:
+            return recover_staged_bytes(vfolder, wfd, state)
+        finally:
+            os.close(wfd)
     finally:
         os.close(fd)
 

@@ -36,13 +36,15 @@ time.sleep(60)
 RACE = """
 import sys, time
 from pathlib import Path
-from storage.events.takeover import probe
+from storage.events.takeover import probe, settle
 start = float(sys.argv[2])
 while time.time() < start:
     time.sleep(0.001)
 orphan = probe(Path(sys.argv[1]))
 print("got" if orphan is not None else "none", flush=True)
-time.sleep(0.5)  # hold it while the others probe
+if orphan is not None:
+    time.sleep(0.3)  # hold it while the others probe, then empty it as a takeover does
+    settle(orphan)
 """
 
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import pytest
 
 HERE = Path(__file__).resolve()
 DEFAULT_SCRIPTS = HERE.parents[3].parent / "shared" / "cephfs"
+STARTED: dict[str, str] = {}  # what up.sh said of the cluster this conftest started
 
 
 def _answers_rstats(path: Path) -> bool:
@@ -73,10 +76,55 @@ def cephfs_mount() -> Iterator[Path]:
         pytest.skip(f"could not start a CephFS: {proc.stderr.strip().splitlines()[-3:]}")
     values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     cluster_dir = values["CEPHFS_DIR"]
+    STARTED["CEPH_CONF"] = values["CEPH_CONF"]
     try:
         yield Path(values["CEPHFS_MNT"])
     finally:
         subprocess.run(["bash", str(_scripts_dir() / "down.sh"), cluster_dir], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def cephfs_second_mount(cephfs_mount: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A second ceph-fuse mount of the same filesystem: a second CephFS client, as on
+    another host (its own caps, its locks held through the MDS).  Needs the
+    cluster's conf: ``$CEPH_CONF`` (``.ci/cephfs-tests`` exports it) or the
+    cluster this conftest started."""
+    conf = os.environ.get("CEPH_CONF") or STARTED.get("CEPH_CONF")
+    if not conf or shutil.which("ceph-fuse") is None or os.geteuid() != 0:
+        pytest.skip("a second CephFS client needs ceph-fuse, root and the cluster's conf ($CEPH_CONF)")
+    root = tmp_path_factory.mktemp("cephfs-client2")
+    mnt, pid_file = root / "mnt", root / "ceph-fuse.pid"
+    mnt.mkdir()
+    proc = subprocess.run(["ceph-fuse", "-c", conf, "--pid-file", str(pid_file), str(mnt)],
+                          capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.skip(f"could not mount a second CephFS client: {proc.stderr.strip()[-300:]}")
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers_rstats(mnt):
+            if time.monotonic() > deadline:
+                pytest.skip("the second ceph-fuse mount did not come up")
+            time.sleep(0.1)
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            pid = 0
+        deadline = time.monotonic() + 10
+        while pid and time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture
