@@ -62,9 +62,10 @@ FD_RESERVE = 1024
 # The share of what is left each API may hold open by default: the client
 # API's uploads and downloads are many, the manager's calls few.
 DEFAULT_SHARES = {"client": 0.9, "manager": 0.1}
-# Descriptors one connection may hold: its socket and the file it reads or
-# writes (an upload's staging file, a download's file).
-FDS_PER_CONNECTION = 2
+# Descriptors one connection may hold: its socket and, for an upload, the
+# staging file twice (the read-only descriptor holding its lock and the one
+# writing it: storage.uploads.open_writer); a download holds one file.
+FDS_PER_CONNECTION = 3
 
 
 def raise_open_file_limit() -> int:
