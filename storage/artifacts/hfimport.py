@@ -128,8 +128,9 @@ class VFSTarget:
         self.offset = 0
         self.digest = _Digest(f)
 
-    def open(self) -> bool:
-        """Open the staging file; True when the destination already holds the verified file."""
+    def _open_part_file(self) -> bool:
+        """Open the destination's directory and the staging file in it; True
+        (and nothing open) when the destination already holds the verified file."""
         root_fd = open_root(self.storage.root)
         try:
             self.dir_fd = _open_dirs_beneath(root_fd, self.rel.parent)
@@ -143,6 +144,12 @@ class VFSTarget:
                               dir_fd=self.dir_fd)
         except OSError as exc:
             raise no_space(exc) from exc
+        return False
+
+    def open(self) -> bool:
+        """Open the staging file; True when the destination already holds the verified file."""
+        if self._open_part_file():
+            return True
         size = os.fstat(self.fd).st_size
         if size > self.file.size:
             os.ftruncate(self.fd, 0)
@@ -257,19 +264,8 @@ class RangedVFSTarget(VFSTarget):
         self.lock = threading.Lock()  # parts are written by several pool threads at once
 
     def open(self) -> bool:
-        root_fd = open_root(self.storage.root)
-        try:
-            self.dir_fd = _open_dirs_beneath(root_fd, self.rel.parent)
-        finally:
-            os.close(root_fd)
-        if self._final_is_verified():
-            self.close()
+        if self._open_part_file():
             return True
-        try:
-            self.fd = os.open(self.part_name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644,
-                              dir_fd=self.dir_fd)
-        except OSError as exc:
-            raise no_space(exc) from exc
         done = self._read_journal()
         if done is None or os.fstat(self.fd).st_size != self.file.size:
             done = [0] * len(self.parts)
