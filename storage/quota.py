@@ -432,23 +432,16 @@ class ScopeWriter:
         """Grant up to ``want`` bytes from ``offset``; returns the end offset granted
         (``offset`` + ``want`` when the scope has no limit)."""
         self.start = offset
-        with scope_lock_if_limited(self.volume, self.qsid) as limited:
-            r = room(self.volume, self.qsid, exclude=self.session) if limited else None
-            if r is None:
-                self.limited = False
-                self.until = offset + want
-                return self.until
-            self.last_room = r
-            self.until = offset + min(want, r.grantable)
-            if self.until > offset:
-                self._write()
-            return self.until
+        return self._grant(offset, want)
 
     def extend(self, offset: int, want: int) -> int:
         """Called at ``offset`` (= ``until``) for ``want`` more bytes: the new end granted."""
         if not self.limited:
             self.until = offset + want
             return self.until
+        return self._grant(offset, want)
+
+    def _grant(self, offset: int, want: int) -> int:
         with scope_lock_if_limited(self.volume, self.qsid) as limited:
             r = room(self.volume, self.qsid, exclude=self.session) if limited else None
             if r is None:
