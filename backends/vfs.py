@@ -135,6 +135,9 @@ class VfsVolume(AbstractVolume):
     # A clone first checks that the source fits in the free space, as upstream
     # does; a backend whose copies are reflinks may turn this off.
     clone_checks_free_space = True
+    # A move that has to copy (EXDEV) first asks this whether the bytes fit
+    # (storage.fs.crossmove.FitCheck); None: the filesystem alone decides.
+    copy_fits: Any = None
 
     def __init__(self, config: VolumeConfig, context: VolumeContext) -> None:
         super().__init__(config, context)
@@ -702,7 +705,7 @@ class VfsVolume(AbstractVolume):
                     with _fd(tdir):
                         # Across a filesystem or CephFS quota boundary (EXDEV)
                         # this copies and swaps in, atomically for observers.
-                        if crossmove.rename_at(sdir, sname, tdir, tname):
+                        if crossmove.rename_at(sdir, sname, tdir, tname, self.copy_fits):
                             log.info("volume {name}: moved {src} -> {dst} by copying (EXDEV)",
                                      name=self.name, src=src, dst=dst)
 

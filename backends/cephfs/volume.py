@@ -184,6 +184,44 @@ class CephFSVolume(VfsVolume):
 
     # -- moves across quota realms --------------------------------------------------
 
+    def copy_fits(self, src_dir: int, dst_dir: int, nbytes: int) -> None:
+        """A move into another quota realm copies (EXDEV): refuse it (EDQUOT,
+        a 507) before a byte is copied when a realm the target is in, and the
+        source is not, has less than ``nbytes`` left.  CephFS alone would
+        refuse only late (a realm made moments ago is not enforced yet), with
+        part of the copy written.  ``rbytes`` lag: this catches what the
+        figures show; the filesystem still refuses the rest."""
+        source_realms = {key for key, _limit in self._realms_above(src_dir)}
+        for key, (limit, used) in self._realms_above(dst_dir, with_usage=True):
+            if key in source_realms:
+                continue  # the bytes are in this realm already
+            if used + nbytes > limit:
+                left = max(0, limit - used)
+                raise OSError(errno.EDQUOT, f"the destination's quota realm has {left} bytes left; "
+                                            f"the move needs {nbytes}")
+
+    def _realms_above(self, dir_fd: int, with_usage: bool = False) -> list[tuple[Any, Any]]:
+        """The quota realms holding ``dir_fd`` (it included), up to the volume's
+        root: ((st_dev, st_ino), limit) or, ``with_usage``, (key, (limit, rbytes))."""
+        root = os.stat(self.root)
+        found: list[tuple[Any, Any]] = []
+        fd = os.dup(dir_fd)
+        try:
+            for _ in range(256):  # bounded: a volume is not deeper than this
+                st = os.fstat(fd)
+                key = (st.st_dev, st.st_ino)
+                limit = xattrs.read_int(fd, xattrs.MAX_BYTES)
+                if limit:
+                    found.append((key, (limit, xattrs.read_rbytes(fd)) if with_usage else limit))
+                if key == (root.st_dev, root.st_ino):
+                    break
+                parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+        finally:
+            os.close(fd)
+        return found
+
 
 def _rmdir_quietly(path: Path) -> None:
     try:

@@ -48,9 +48,9 @@ class RStats:
         return self.rfiles + self.rsubdirs - 1
 
 
-def _get(path: os.PathLike[str] | str, name: str) -> bytes:
+def _get(path: os.PathLike[str] | str | int, name: str) -> bytes:
     try:
-        return xattr.get(os.fspath(path), name)
+        return xattr.get(path if isinstance(path, int) else os.fspath(path), name)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
             raise NotCephFS(f"{path}: no {name} (not on CephFS?)") from None
@@ -64,7 +64,7 @@ def _parse_int(raw: bytes, name: str) -> int:
         raise ValueError(f"unexpected value of {name}: {raw!r}") from None
 
 
-def read_int(path: os.PathLike[str] | str, name: str) -> int | None:
+def read_int(path: os.PathLike[str] | str | int, name: str) -> int | None:
     """The attribute as an integer, or None where it is not set (ENODATA)."""
     try:
         raw = _get(path, name)
@@ -113,7 +113,7 @@ def read_rstats(path: os.PathLike[str] | str) -> RStats:
     )
 
 
-def read_rbytes(path: os.PathLike[str] | str) -> int:
+def read_rbytes(path: os.PathLike[str] | str | int) -> int:
     return _parse_int(_get(path, RBYTES), RBYTES)
 
 

@@ -24,20 +24,27 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
-from storage.fs.tree import copy_entry_at, remove_at
+from storage.fs.tree import copy_entry_at, count_tree, remove_at
 from storage.fs.walk import DIR_FLAGS
 
 TEMP_PREFIX = ".moving-"
 
 
-def rename_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> bool:
+# Called before a copy: (source's directory, target's directory, bytes to
+# copy); raises (e.g. EDQUOT) where they cannot fit.
+FitCheck = Callable[[int, int, int], None]
+
+
+def rename_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str, fits: FitCheck | None = None) -> bool:
     """``renameat(2)``; on EXDEV copy + swap + remove instead.
 
     The target follows rename(2) rules: an existing file (or empty
-    directory) is replaced, a non-empty directory is ENOTEMPTY.  Returns
-    True when the copy was needed.
+    directory) is replaced, a non-empty directory is ENOTEMPTY.  ``fits``
+    vets the copy's size before a byte is copied (the caller knows where
+    quotas are).  Returns True when the copy was needed.
     """
     try:
         os.rename(src_name, dst_name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
@@ -45,8 +52,21 @@ def rename_at(src_dir: int, src_name: str, dst_dir: int, dst_name: str) -> bool:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+    if fits is not None:
+        fits(src_dir, dst_dir, _apparent_bytes(src_dir, src_name))
     swap_in_at(src_dir, src_name, dst_dir, dst_name)
     return True
+
+
+def _apparent_bytes(dir_fd: int, name: str) -> int:
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        return count_tree(fd).bytes
+    finally:
+        os.close(fd)
 
 
 def move_path(src: Path, dst: Path) -> bool:

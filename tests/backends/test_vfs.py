@@ -433,6 +433,35 @@ class TestRenameMove:
         assert (path / "e" / "f.txt").read_bytes() == b"data"
         assert stat.S_IMODE((path / "e" / "f.txt").stat().st_mode) == 0o600
 
+    @ensure
+    async def test_a_move_that_must_copy_asks_first_whether_it_fits(
+        self, volume: VfsVolume, vfolder: VFolderID, monkeypatch,
+    ) -> None:
+        path = vpath(volume, vfolder)
+        write(path / "d" / "a.bin", b"a" * 1000)
+        write(path / "d" / "sub" / "b.bin", b"b" * 234)
+        (path / "t").mkdir()
+        real_rename = os.rename
+
+        def exdev(src, dst, *, src_dir_fd=None, dst_dir_fd=None):
+            if src == "d":
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            return real_rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+
+        asked = []
+
+        def too_small(src_dir: int, dst_dir: int, nbytes: int) -> None:
+            asked.append((os.fstat(dst_dir).st_ino, nbytes))
+            raise OSError(errno.EDQUOT, "the destination's quota realm has 10 bytes left")
+
+        monkeypatch.setattr(os, "rename", exdev)
+        monkeypatch.setattr(volume, "copy_fits", too_small)
+        with pytest.raises(InsufficientStorage):
+            await volume.move(vfolder, "d", "t/e")
+        assert asked == [((path / "t").stat().st_ino, 1234)]  # every regular file's bytes, before any copy
+        assert (path / "d" / "sub" / "b.bin").read_bytes() == b"b" * 234  # the source stays
+        assert os.listdir(path / "t") == []  # and nothing was copied
+
 
 class TestCopyFile:
     @ensure
