@@ -186,12 +186,14 @@ def test_patches_alternating_between_replicas_complete_byte_exact(rig: Rig) -> N
         assert_bytes_everywhere(rig, vfid, relpath, data)
 
 
+@pytest.mark.skipif(os.environ.get("STORAGE_PROXY_REPLICA_RACE") != "1",
+                    reason="known to hang, not in CI (docs/replicas.md): set STORAGE_PROXY_REPLICA_RACE=1")
 def test_two_patches_at_two_replicas_at_once_one_writes_the_other_is_refused(rig: Rig) -> None:
     vfid = rig.new_vfolder()
     # Deterministic overlap: A's PATCH is in and holds the lock (bytes staged) when B's comes.
     data = os.urandom(2 << 20)
     token = rig.token(vfid, "held.bin", len(data))
-    s = socket.create_connection(("127.0.0.1", rig.a.client_port))
+    s = socket.create_connection(("127.0.0.1", rig.a.client_port), timeout=60)
     s.sendall(f"PATCH /upload?token={token} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n"
               f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n"
               f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:4096])
